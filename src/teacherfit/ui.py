@@ -1,0 +1,72 @@
+"""Terminal output shared by the pipelines: one rich console, progress bars with rows/s and tokens/s."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class _RateColumn(ProgressColumn):
+    """rows/s and tokens/s since the bar started."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0:
+            return Text("")
+        tokens = task.fields.get("tokens", 0)
+        return Text(f"{task.completed / elapsed:.2f} rows/s  {tokens / elapsed:,.0f} tok/s", style="cyan")
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """Yield ``advance(rows, tokens)``; the bar shows rows done, rows/s, tokens/s and the time left."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=total == 0,
+    ) as progress:
+        task = progress.add_task(description, total=total, tokens=0)
+        tokens = 0
+
+        def advance(rows: int, new_tokens: int = 0) -> None:
+            nonlocal tokens
+            tokens += new_tokens
+            progress.update(task, advance=rows, tokens=tokens)
+
+        yield advance
+
+
+def rich_table(rows: list[dict], columns: list[str], *, title: str = "", float_fmt: str = "{:.3f}") -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("teacher", "metric", "name") else "right")
+    for row in rows:
+        cells = []
+        for col in columns:
+            v = row.get(col, "")
+            cells.append(float_fmt.format(v) if isinstance(v, float) else str(v))
+        table.add_row(*cells)
+    return table
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,35 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny, tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer():
+    """A tokenizer with no chat template, like a base model's."""
+    return tiny_tokenizer(chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2(tokenizer):
+    return tiny_qwen2(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved as a Hugging Face folder."""
+    return save_tiny(tiny_llama(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny_llama"))
