@@ -83,14 +83,14 @@ def test_llama_cpp_ignores_n_so_missing_samples_are_requested_with_next_seeds(ll
 # --- scripted loopback servers -------------------------------------------------------------------------
 
 
-def completion_body(n_choices: int = 1, content: str = "hello") -> dict[str, Any]:
+def completion_body(n_choices: int = 1) -> dict[str, Any]:
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
         "created": 0,
         "model": "fake",
         "choices": [
-            {"index": k, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": None}
+            {"index": k, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}
             for k in range(n_choices)
         ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2 * n_choices, "total_tokens": 5 + 2 * n_choices},
@@ -135,7 +135,8 @@ def fake_server(respond: Responder) -> Iterator[tuple[str, FakeServer]]:
                 pass  # the client timed out and left
 
         def do_GET(self) -> None:
-            self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "t"}]})
+            model = {"id": "fake", "object": "model", "created": 0, "owned_by": "test"}
+            self._send(200, {"object": "list", "data": [model]})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
