@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -35,6 +36,7 @@ JUDGE_USER = (
 )
 JUDGE_ANSWER_PREFIX = "Rating: "
 RATINGS = tuple(range(1, 11))
+_JUDGE_HEAD_TOKENS = 8  # tokens kept from the start of a truncated judge prompt (the system prompt's start)
 
 
 class RewardModel(Protocol):
@@ -79,6 +81,10 @@ class LocalJudgeReward:
         self.used_plain_template = chat_template_for(tok)[1]
         self.prefix_ids = tok(JUDGE_ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
         self.paths = self._rating_paths(tok)
+        shortest = len(self.prefix_ids) + 2 + _JUDGE_HEAD_TOKENS + 1
+        if max_length < shortest:  # else the truncation in `encode` cannot keep the rating instruction
+            raise ValueError(f"judge max_length={max_length} is too small for this tokenizer: it must hold the "
+                             f"start of the judge prompt, its end and {JUDGE_ANSWER_PREFIX!r}; use >= {shortest}")
 
     @staticmethod
     def _rating_paths(tok) -> dict[int, list[int]]:
@@ -106,7 +112,7 @@ class LocalJudgeReward:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         budget = self.max_length - len(self.prefix_ids) - 2
         if len(ids) > budget:  # keep the end: the rating instruction comes last
-            ids = ids[:8] + ids[-(budget - 8) :]
+            ids = ids[:_JUDGE_HEAD_TOKENS] + ids[len(ids) - (budget - _JUDGE_HEAD_TOKENS) :]
         forced = self.paths[10] if len(self.paths[10]) == 2 else []
         return ids + self.prefix_ids + forced[:1]
 
@@ -192,6 +198,41 @@ def parse_rating(text: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def rating_from_logprobs(content: list[dict[str, Any]]) -> float | None:
+    """Probability-weighted rating from a chat completion's per-token ``logprobs.content``; None if no rating.
+
+    The distribution is read at the token where ``parse_rating`` finds the rating in the generated text
+    ("Rating: 7" puts it at the fourth token; digits among the alternatives of other tokens are not
+    ratings). None when there is no rating or its token also holds other characters.
+    When the server's tokenizer splits "10" into "1","0" and the judge chose "1", the next position gives
+    P("0"|"1") and P("1") is shared as in ``LocalJudgeReward``: P(10) = P("1") P("0"|"1"),
+    P(1) = P("1") (1 - P("0"|"1")). After another chosen rating, P("1") counts as 1 (its continuation is
+    unknown).
+    """
+    tokens = [position.get("token") or "" for position in content]
+    match = _RATING_RE.search("".join(tokens))
+    if match is None:
+        return None
+    offset = 0
+    for k, token in enumerate(tokens):
+        if offset + len(token) > match.start():
+            break
+        offset += len(token)
+    chosen = tokens[k].strip()
+    if chosen not in (match.group(1), match.group(1)[:1]):
+        return None
+    probs: dict[int, float] = {}
+    for entry in content[k].get("top_logprobs") or []:
+        token = entry["token"].strip()
+        if token.isdigit() and 1 <= int(token) <= 10:
+            probs[int(token)] = probs.get(int(token), 0.0) + math.exp(entry["logprob"])
+    if chosen == "1" and 1 in probs and k + 1 < len(content):
+        p_zero = sum(math.exp(e["logprob"]) for e in content[k + 1].get("top_logprobs") or [] if e["token"] == "0")
+        probs[10] = probs.get(10, 0.0) + probs[1] * p_zero
+        probs[1] *= 1 - p_zero
+    return expected_rating(probs) if probs else None
+
+
 class OpenAIJudgeReward:
     """A judge behind an OpenAI-compatible endpoint (GPT-4-class judges, or a local vLLM/llama.cpp server)."""
 
@@ -201,6 +242,7 @@ class OpenAIJudgeReward:
         self.cfg = remote_cfg
         self.client = make_client(remote_cfg)
         self.unparsed = 0
+        self._lock = threading.Lock()  # `unparsed` is counted from the worker threads
 
     def provenance(self) -> dict[str, Any]:
         return {"reward": "openai_judge", "base_url": self.cfg.base_url, "model": self.cfg.model,
@@ -209,24 +251,20 @@ class OpenAIJudgeReward:
     def _one(self, record: Record) -> float:
         from teacherfit.remote import chat_completion
 
-        messages = judge_messages(record) + [{"role": "assistant", "content": JUDGE_ANSWER_PREFIX.strip()}]
+        messages = judge_messages(record)
+        # room for "Rating: 10" split into digits, so that the rating is never cut off
         try:
-            resp = chat_completion(self.client, self.cfg, messages[:2], max_tokens=4, temperature=0.0, top_p=1.0,
+            resp = chat_completion(self.client, self.cfg, messages, max_tokens=8, temperature=0.0, top_p=1.0,
                                    seed=0, logprobs=20)
         except Exception:  # servers that refuse logprobs: ask again without them
-            resp = chat_completion(self.client, self.cfg, messages[:2], max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
+            resp = chat_completion(self.client, self.cfg, messages, max_tokens=8, temperature=0.0, top_p=1.0, seed=0)
         choice = resp["choices"][0]
-        top = (((choice.get("logprobs") or {}).get("content") or [{}])[0]).get("top_logprobs") or []
-        probs: dict[int, float] = {}
-        for entry in top:
-            token = entry["token"].strip()
-            if token.isdigit() and 1 <= int(token) <= 10:
-                probs[int(token)] = probs.get(int(token), 0.0) + math.exp(entry["logprob"])
-        if probs:
-            return expected_rating(probs)
-        rating = parse_rating(choice["message"]["content"] or "")
+        rating = rating_from_logprobs((choice.get("logprobs") or {}).get("content") or [])
         if rating is None:
-            self.unparsed += 1
+            rating = parse_rating(choice["message"]["content"] or "")
+        if rating is None:
+            with self._lock:
+                self.unparsed += 1
             return math.nan
         return rating
 

@@ -63,8 +63,8 @@ def correlate(teachers: list[dict[str, Any]], outcomes: dict[str, float], *, n_b
     rewards = [t["reward"] for t in rows]
     losses = [t["loss_student"] for t in rows]
     loo = metrics.loo_calibrated_car(rewards, losses, y)
-    result["beta_calibration"] = {k: (float(v) if isinstance(v, (int, float)) else [float(x) for x in v])
-                                  for k, v in loo.items()}
+    result["beta_calibration"] = {k: (v if isinstance(v, str) else float(v) if isinstance(v, (int, float))
+                                      else [float(x) for x in v]) for k, v in loo.items()}
     if beta_source:
         result["beta_used_in_rank"] = beta_source.get("beta")
     return result

@@ -1,0 +1,45 @@
+"""What both benchmarks share: the machine line, the load average and a plain-text table."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+import transformers
+
+
+def machine_line() -> str:
+    """One line saying what the numbers were measured on (recorded next to every table)."""
+    return (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+    )
+
+
+def load_line() -> str:
+    """The 1/5/15-minute load average: with 2 cores, anything above ~0.5 means our timings share the CPU."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Right-aligned text table; floats get thousands separators and one decimal."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:,.1f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[k]) for r in cells)) for k, c in enumerate(columns)]
+
+    def line(parts: list[str]) -> str:  # the first column is a label: left-aligned
+        return "  ".join(p.ljust(w) if k == 0 else p.rjust(w) for k, (p, w) in enumerate(zip(parts, widths)))
+
+    print(line(columns))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print(line(r))

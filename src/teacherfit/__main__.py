@@ -1,0 +1,3 @@
+from teacherfit.cli import app
+
+app()

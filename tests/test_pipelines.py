@@ -1,0 +1,186 @@
+"""End-to-end CLI runs on tiny real models: generate -> rank -> correlate, with values checked."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from teacherfit import metrics
+from teacherfit.cli import app
+from teacherfit.data import load_records, tokenize_example
+from tiny import save_tiny, tiny_llama, tiny_qwen2
+
+runner = CliRunner()
+
+INSTRUCTIONS = [
+    {"instruction": "Write a short poem about the sea."},
+    {"instruction": "List three colours.", "input": "Use commas."},
+    {"instruction": "What is the capital of France?"},
+    {"instruction": "Explain how a neural network learns."},
+    {"instruction": "def add(a, b):"},
+    {"instruction": "Translate good morning into French."},
+]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("e2e")
+    teachers = {
+        "alpha": save_tiny(tiny_llama(tokenizer, seed=1), tokenizer, root / "alpha"),
+        "beta": save_tiny(tiny_qwen2(tokenizer, seed=2), tokenizer, root / "beta"),
+        "gamma": save_tiny(tiny_llama(tokenizer, seed=3, layers=1), tokenizer, root / "gamma"),
+    }
+    student = save_tiny(tiny_llama(tokenizer, seed=4), tokenizer, root / "student")
+    torch.manual_seed(5)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    rm_dir = save_tiny(rm, tokenizer, root / "rm")
+    instr = root / "instructions.jsonl"
+    instr.write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTIONS))
+    return root, teachers, student, rm_dir, instr
+
+
+@pytest.fixture(scope="module")
+def generated(workspace):
+    root, teachers, _, _, instr = workspace
+    args = ["generate", "--instructions", instr, "--out", root / "gen", "--set", "decoding.max_new_tokens=6"]
+    for name, path in teachers.items():
+        args += ["--teacher", f"{name}={path}"]
+    invoke(*args)
+    return root / "gen"
+
+
+def test_generate_writes_one_row_per_instruction_with_provenance(generated, workspace):
+    _, teachers, _, _, instr = workspace
+    ids = [r.id for r in load_records(instr).records]
+    for name in teachers:
+        rep = load_records(generated / "responses" / f"{name}.jsonl", require_response=True)
+        assert [r.id for r in rep.records] == ids  # instruction order, one each
+        for r in rep.records:
+            assert r.meta["teacher"]["name"] == name
+            assert r.meta["teacher"]["sha256"]  # folder digest recorded
+            assert r.meta["decoding"]["max_new_tokens"] == 6 and r.meta["seed"] == 0
+            assert 1 <= r.meta["completion_tokens"] <= 6 and r.meta["finish_reason"] in ("stop", "length")
+    summary = json.loads((generated / "summary.json").read_text())
+    assert [t["generated_now"] for t in summary["teachers"]] == [6, 6, 6]
+    assert (generated / "config.resolved.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def ranked(generated, workspace):
+    root, teachers, student, rm_dir, _ = workspace
+    invoke("rank", "--generate-run", generated, "--student", student, "--out", root / "rank",
+           "--set", f"reference_lm={teachers['alpha']}", "--set", "reward.kind=classifier",
+           "--set", f"reward.model={rm_dir}", "--set", "bootstrap=200", "--beta", "0.5")
+    return root / "rank"
+
+
+def test_rank_values_match_references(ranked, workspace, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    _, _, student_dir, _, _ = workspace
+    results = json.loads((ranked / "results.json").read_text())
+    samples = pq.read_table(ranked / "per_sample.parquet").to_pylist()
+    assert len(samples) == 18 and results["n_instructions"] == 6
+    # per-sample compatibility loss == naive NLL of the response under the student
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    recs = {r.id: r for r in load_records(ranked.parent / "gen" / "responses" / "beta.jsonl").records}
+    for s in [s for s in samples if s["teacher"] == "beta"][:3]:
+        ex = tokenize_example(tokenizer, recs[s["id"]].messages)
+        with torch.no_grad():
+            logp = torch.log_softmax(student(torch.tensor([ex.input_ids])).logits[0].double(), -1)
+        nll = [-float(logp[t, ex.labels[t + 1]]) for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != -100]
+        assert s["loss_student"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+        assert s["ppl_student"] == pytest.approx(math.exp(s["loss_student"]), rel=1e-6)
+        assert s["ifd_student"] == pytest.approx(math.exp(s["loss_student"] - s["loss_student_uncond"]), rel=1e-6)
+    # per-teacher CAR from the per-sample means, with the variant the rewards call for
+    rows = {t["teacher"]: t for t in results["teachers"]}
+    means_r = {n: np.mean([s["reward"] for s in samples if s["teacher"] == n]) for n in rows}
+    means_l = {n: np.mean([s["loss_student"] for s in samples if s["teacher"] == n]) for n in rows}
+    names = list(rows)
+    expected_variant = metrics.car_variant_for([means_r[n] for n in names])
+    assert results["car_variant"] == expected_variant
+    if expected_variant == "plain":
+        expected = {n: means_r[n] / (1 + 0.5 * means_l[n]) for n in names}
+    else:
+        pos = metrics.positive_rewards([means_r[n] for n in names])
+        expected = {n: p / (1 + 0.5 * means_l[n]) for n, p in zip(names, pos)}
+    for n in names:
+        assert rows[n]["car"] == pytest.approx(expected[n], rel=1e-9)
+        assert rows[n]["reward"] == pytest.approx(means_r[n], rel=1e-9)
+        assert rows[n]["car_low"] <= rows[n]["car"] + 1e-9 or math.isnan(rows[n]["car_low"])
+    # sorted by CAR, best first
+    cars = [t["car"] for t in results["teachers"]]
+    assert cars == sorted(cars, reverse=True)
+    html = (ranked / "report.html").read_text()
+    assert "CAR variant" in html and "data:image/png;base64," in html and "http://" not in html
+
+
+def test_rank_rerun_uses_cached_stages(ranked, workspace):
+    """A second rank with another beta reuses the cached scores (no model needed) and changes only CAR."""
+    root, teachers, student, rm_dir, _ = workspace
+    before = json.loads((ranked / "results.json").read_text())
+    invoke("rank", "--generate-run", root / "gen", "--student", student, "--out", ranked,
+           "--set", f"reference_lm={teachers['alpha']}", "--set", "reward.kind=classifier",
+           "--set", f"reward.model={rm_dir}", "--set", "bootstrap=0", "--beta", "0")
+    after = json.loads((ranked / "results.json").read_text())
+    by_name = {t["teacher"]: t for t in before["teachers"]}
+    for t in after["teachers"]:
+        assert t["loss_student"] == pytest.approx(by_name[t["teacher"]]["loss_student"])
+        if after["car_variant"] == "plain":
+            assert t["car"] == pytest.approx(t["reward"])  # beta = 0: CAR is the reward
+
+
+def test_correlate_against_hand_computed(ranked, tmp_path):
+    results = json.loads((ranked / "results.json").read_text())
+    names = [t["teacher"] for t in results["teachers"]]
+    outcomes = {n: float(i) for i, n in enumerate(names)}  # names are best-CAR first: the worst-CAR teacher did best
+    path = tmp_path / "outcomes.json"
+    path.write_text(json.dumps(outcomes))
+    invoke("correlate", "--rank-run", ranked, "--outcomes", path, "--out", tmp_path / "corr", "--set", "bootstrap=100")
+    corr = json.loads((tmp_path / "corr" / "correlations.json").read_text())
+    rows = {r["metric"]: r for r in corr["correlations"]}
+    y = [outcomes[t["teacher"]] for t in results["teachers"]]
+    car = [t["car"] for t in results["teachers"]]
+    assert rows["car"]["spearman"] == pytest.approx(metrics.spearman(car, y))
+    assert rows["car"]["spearman"] == pytest.approx(-1.0)  # ranked exactly backwards
+    # lower-is-better metrics are negated before correlating
+    loss = [-t["loss_student"] for t in results["teachers"]]
+    assert rows["loss_student"]["spearman"] == pytest.approx(metrics.spearman(loss, y))
+    assert "beta_calibration" in corr and (tmp_path / "corr" / "report.html").exists()
+
+
+def test_bad_config_field_is_named(tmp_path):
+    cfg = tmp_path / "rank.yaml"
+    cfg.write_text("student: x\nbeta: -1\n")
+    result = runner.invoke(app, ["rank", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "field `beta`" in result.output and "greater than or equal to 0" in result.output
+
+
+def test_malformed_row_is_reported_with_file_and_line(tmp_path, workspace):
+    _, teachers, _, _, _ = workspace
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "ok"}\n{"instruction": "fine"}\n{"oops": 1}\n')
+    result = runner.invoke(app, ["generate", "--instructions", str(bad), "--teacher", f"a={teachers['alpha']}",
+                                 "--out", str(tmp_path / "g")])
+    assert result.exit_code == 2
+    assert f"{bad}:3" in result.output.replace("\n", "")
+    ok = runner.invoke(app, ["generate", "--instructions", str(bad), "--teacher", f"a={teachers['alpha']}",
+                             "--out", str(tmp_path / "g"), "--set", "on_error=skip", "--set", "decoding.max_new_tokens=2"])
+    assert ok.exit_code == 0, ok.output
+    assert "1 malformed" in ok.output
+    assert len(load_records(tmp_path / "g" / "responses" / "a.jsonl").records) == 2

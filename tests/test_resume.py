@@ -1,0 +1,86 @@
+"""Kill a real `teacherfit generate` run with SIGKILL (several times), resume it, and check the result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from teacherfit.data import load_records
+from tiny import save_tiny, tiny_llama
+
+N = 80
+
+
+def _count_complete_lines(path):
+    if not path.exists():
+        return 0
+    return path.read_bytes().count(b"\n")
+
+
+def _config(tmp_path, model_dir, out):
+    instr = tmp_path / "instructions.jsonl"
+    if not instr.exists():
+        words = ["sea", "sky", "fox", "dog", "data", "code", "France", "colours", "poem", "network"]
+        rows = [{"instruction": f"Write about the {words[i % 10]} number {i}."} for i in range(N)]
+        instr.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "instructions": str(instr),
+        "teachers": [{"name": "tiny", "model": str(model_dir), "batch_size": 1}],
+        "decoding": {"max_new_tokens": 32},
+        "out": str(out),
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(cfg_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "teacherfit", "generate", "-c", str(cfg_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def test_sigkill_and_resume_gives_exactly_one_row_each(tmp_path, tokenizer):
+    model_dir = save_tiny(tiny_llama(tokenizer, seed=11), tokenizer, tmp_path / "model")
+    out = tmp_path / "killed"
+    cfg_path = _config(tmp_path, model_dir, out)
+    partial = out / "responses" / "tiny.partial.jsonl"
+
+    kills = 0
+    for threshold in (4, 16, 30):  # kill three times, each time later in the run
+        proc = _start(cfg_path)
+        deadline = time.time() + 120
+        while _count_complete_lines(partial) < threshold and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 2, "the run finished before it could be killed: make it longer"
+    done_before = _count_complete_lines(partial)
+    assert 0 < done_before < N
+
+    proc = _start(cfg_path)
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())["teachers"][0]
+    assert summary["resumed"] == done_before  # nothing generated twice ...
+    assert summary["generated_now"] == N - done_before  # ... and no gaps
+
+    rows = [json.loads(line) for line in (out / "responses" / "tiny.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    expected_ids = [r.id for r in load_records(tmp_path / "instructions.jsonl").records]
+    assert ids == expected_ids  # exactly one complete row per instruction, in order
+    assert all(r["messages"][-1]["role"] == "assistant" and "finish_reason" in r for r in rows)
+
+    # the interrupted run produced the same responses as an uninterrupted one (greedy)
+    ref_out = tmp_path / "reference"
+    proc = _start(_config(tmp_path, model_dir, ref_out))
+    assert proc.wait(timeout=300) == 0
+    ref = {json.loads(l)["id"]: json.loads(l)["messages"][-1]["content"]
+           for l in (ref_out / "responses" / "tiny.jsonl").read_text().splitlines()}
+    assert {r["id"]: r["messages"][-1]["content"] for r in rows} == ref
