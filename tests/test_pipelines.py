@@ -184,3 +184,22 @@ def test_malformed_row_is_reported_with_file_and_line(tmp_path, workspace):
     assert ok.exit_code == 0, ok.output
     assert "1 malformed" in ok.output
     assert len(load_records(tmp_path / "g" / "responses" / "a.jsonl").records) == 2
+
+
+def test_best_of_n_keeps_the_candidate_with_the_highest_reward(workspace, tmp_path):
+    root, teachers, _, rm_dir, instr = workspace
+    cfg = tmp_path / "bon.yaml"
+    cfg.write_text(
+        f"instructions: {instr}\n"
+        f"teachers: [{{name: a, model: {teachers['alpha']}}}]\n"
+        "decoding: {max_new_tokens: 5, temperature: 1.0, n: 3, seed: 3}\n"
+        f"best_of_n_reward: {{kind: classifier, model: {rm_dir}}}\n"
+    )
+    invoke("generate", "--config", cfg, "--out", tmp_path / "bon")
+    rows = load_records(tmp_path / "bon" / "responses" / "a.jsonl").records
+    assert len(rows) == len(INSTRUCTIONS)
+    for r in rows:
+        cands = r.meta["best_of_n"]
+        assert len(cands) == 3
+        best = max(cands, key=lambda c: c["reward"])
+        assert r.response == best["text"]

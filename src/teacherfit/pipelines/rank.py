@@ -226,12 +226,23 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def preflight(cfg: RankConfig) -> None:
+    """Find (and verify) every model before any scoring, so a typo fails in seconds, not after a stage."""
+    from teacherfit.models import resolve_model
+
+    for spec in (cfg.student, cfg.reference_lm, cfg.reward.model if cfg.reward.kind != "openai_judge" else None):
+        if spec:
+            resolve_model(spec)
+    if cfg.reward.kind == "openai_judge" and cfg.reward.remote is None:
+        raise ValueError("reward.kind 'openai_judge' needs reward.remote (base_url, model)")
+
+
 def run_rank(cfg: RankConfig) -> RankResult:
     run_dir = prepare_run_dir(cfg, "rank")
     sets, reports, common = load_sets(cfg)
+    preflight(cfg)
     names = list(sets)
     notes = []
-    dropped = {n: rep.to_dict().get("n_rows", 0) for n, rep in reports.items()}
     for name, rep in reports.items():
         missing = len(rep.records) - len(common)
         if missing > 0:
@@ -272,7 +283,6 @@ def run_rank(cfg: RankConfig) -> RankResult:
         "reference_lm": ref["model"] if ref else None,
         "reward": rewards["reward"],
         "load_reports": {n: rep.to_dict() for n, rep in reports.items()},
-        "rows_seen": dropped,
         "notes": notes,
         "teachers": teachers,
     }

@@ -1,0 +1,72 @@
+"""Slow tests on the real packaged models (installed by `make test`; run in CI too)."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from teacherfit.cli import app
+from teacherfit.data import Record, chat_template_for, tokenize_example
+from teacherfit.models import PACKAGED, load_model, packaged_gguf_path, resolve_model
+
+pytestmark = pytest.mark.slow
+
+VOCAB = {"smollm2-135m-instruct": 49152, "gemma-3-270m": 262144,
+         "qwen2.5-coder-0.5b-instruct": 151936, "qwen2.5-coder-1.5b-instruct": 151936}
+
+
+@pytest.mark.parametrize("name", list(PACKAGED))
+def test_packaged_model_is_verified_converted_and_loads(name):
+    path = packaged_gguf_path(name)  # sha256-checked
+    assert path.stat().st_size == PACKAGED[name].size
+    loaded = load_model(name)
+    assert loaded.provenance["sha256"] == PACKAGED[name].sha256
+    assert loaded.model.get_output_embeddings().weight.shape[0] == VOCAB[name]
+    assert chat_template_for(loaded.tokenizer)[1] is (not PACKAGED[name].has_chat_template)
+
+
+def test_gguf_file_path_loads_like_the_packaged_name():
+    resolved = resolve_model(str(packaged_gguf_path("smollm2-135m-instruct")))
+    assert resolved.kind == "gguf" and resolved.provenance["sha256"] == PACKAGED["smollm2-135m-instruct"].sha256
+
+
+def test_qwen_coder_pair_shares_the_tokenizer():
+    from teacherfit.models import load_tokenizer
+
+    small, large = load_tokenizer("qwen2.5-coder-0.5b-instruct"), load_tokenizer("qwen2.5-coder-1.5b-instruct")
+    chat = [{"role": "user", "content": "Write a function that reverses a list."},
+            {"role": "assistant", "content": "def rev(xs):\n    return xs[::-1]"}]
+    a, b = tokenize_example(small, chat), tokenize_example(large, chat)
+    assert a.input_ids == b.input_ids and a.labels == b.labels
+    assert small.decode([i for i in a.labels if i != -100]).startswith("def rev(xs):")
+
+
+def test_real_judge_prefers_a_correct_answer():
+    from teacherfit.rewards import LocalJudgeReward
+
+    judge = LocalJudgeReward(load_model("qwen2.5-coder-1.5b-instruct"))
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    good = Record.from_messages(q + [{"role": "assistant", "content": "The capital of France is Paris."}])
+    bad = Record.from_messages(q + [{"role": "assistant", "content": "Bananas are yellow."}])
+    g, b = judge.score([good, bad])
+    assert 1 <= b < g <= 10 and g - b > 1
+
+
+def test_quickstart_end_to_end(tmp_path):
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--set", "rank.bootstrap=200"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    results = json.loads((tmp_path / "qs" / "rank" / "results.json").read_text())
+    teachers = results["teachers"]
+    assert {t["teacher"] for t in teachers} == {"chatgpt", "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
+                                                "qwen2.5-coder-1.5b-instruct"}
+    assert summary["ranking_by_car"] == [t["teacher"] for t in teachers]
+    for t in teachers:
+        assert t["n"] == 20
+        assert 1 <= t["reward"] <= 10 and 0 < t["loss_student"] < 10
+        assert t["car"] == pytest.approx(t["reward"] / (1 + results["beta"] * t["loss_student"]), rel=1e-9)
+        assert math.isfinite(t["ifd_student"]) and math.isfinite(t["ppl_ref"])
+    assert results["car_variant"] == "plain"  # judge ratings are positive
+    assert any("no chat template" in n for n in results["notes"])  # Gemma-3-270M base
+    assert (tmp_path / "qs" / "rank" / "report.html").stat().st_size > 20_000
