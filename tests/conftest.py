@@ -1,3 +1,4 @@
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -33,3 +34,15 @@ def qwen2(tokenizer):
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny Llama saved as a Hugging Face folder."""
     return save_tiny(tiny_llama(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """A real llama.cpp OpenAI-compatible server on loopback serving the packaged SmolLM2-135M-Instruct."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama_cpp is not installed (pip install 'llama-cpp-python[server]')")
+    from servers import llama_cpp_server
+    from teacherfit.models import packaged_gguf_path
+
+    with llama_cpp_server(packaged_gguf_path("smollm2-135m-instruct"), model_alias="smollm2") as base_url:
+        yield base_url

@@ -1,4 +1,3 @@
-import pytest
 
 from teacherfit.generation import DecodingConfig, TransformersGenerator, stop_token_ids
 from teacherfit.models import LoadedModel

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import threading
@@ -13,7 +12,6 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from servers import llama_cpp_server
 from teacherfit.generation import DecodingConfig
 from teacherfit.remote import (
     OpenAICompatibleGenerator,
@@ -34,15 +32,6 @@ PROMPTS = [
 
 # --- a real llama.cpp server ------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="session")
-def llama_server() -> Iterator[str]:
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama_cpp is not installed (pip install 'llama-cpp-python[server]')")
-    from teacherfit.models import packaged_gguf_path
-
-    with llama_cpp_server(packaged_gguf_path("smollm2-135m-instruct"), model_alias="smollm2") as base_url:
-        yield base_url
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ OpenAI-compatible judge against a real llama.cpp server and against scripted loo
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import threading
@@ -17,7 +16,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-from servers import llama_cpp_server
 from teacherfit.config import RewardConfig
 from teacherfit.data import Record, render_prompt
 from teacherfit.models import LoadedModel
@@ -256,15 +254,6 @@ def test_make_reward_openai_judge_needs_a_remote():
 
 # --- OpenAIJudgeReward against a real llama.cpp server ---------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def llama_server() -> Iterator[str]:
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama_cpp is not installed (pip install 'llama-cpp-python[server]')")
-    from teacherfit.models import packaged_gguf_path
-
-    with llama_cpp_server(packaged_gguf_path("smollm2-135m-instruct"), model_alias="smollm2") as base_url:
-        yield base_url
 
 
 @pytest.mark.server

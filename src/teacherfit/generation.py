@@ -103,6 +103,7 @@ class TransformersGenerator:
         import torch
 
         from teacherfit.data import tokenize_prompt
+        from teacherfit.scoring import pad_batch
 
         tok, model = self.loaded.tokenizer, self.loaded.model
         encoded = [tokenize_prompt(tok, p, max_length=self.max_prompt_tokens) for p in prompts]
@@ -110,13 +111,8 @@ class TransformersGenerator:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                n = len(encoded[i])
-                ids[row, width - n :] = torch.tensor(encoded[i])
-                mask[row, width - n :] = 1
+            ids, mask = pad_batch([encoded[i] for i in batch], pad_id, left=True)
+            width = ids.shape[1]
             torch.manual_seed(decoding.seed)
             sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
             with torch.inference_mode():

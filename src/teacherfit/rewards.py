@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from teacherfit.data import Record, chat_template_for, render_prompt
-from teacherfit.scoring import length_sorted_batches, lm_head_logits
+from teacherfit.scoring import length_sorted_batches, lm_head_logits, pad_batch
 
 JUDGE_PROMPT_VERSION = "teacherfit-judge-v1"
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of an AI assistant's answer."
@@ -126,12 +126,7 @@ class LocalJudgeReward:
         out: list[float] = [math.nan] * len(records)
         lengths = [len(e) for e in encoded]
         for batch in length_sorted_batches(lengths, max_tokens=self.max_tokens, max_batch=32):
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.tensor(encoded[i])
-                mask[row, : lengths[i]] = 1
+            ids, mask = pad_batch([encoded[i] for i in batch], pad)
             hidden = model.get_decoder()(
                 input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device)
             ).last_hidden_state
@@ -175,12 +170,7 @@ class ClassifierReward:
         out: list[float] = [math.nan] * len(records)
         lengths = [len(e) for e in encoded]
         for batch in length_sorted_batches(lengths, max_tokens=self.max_tokens, max_batch=32):
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.tensor(encoded[i])
-                mask[row, : lengths[i]] = 1
+            ids, mask = pad_batch([encoded[i] for i in batch], pad)
             logits = model(input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device)).logits
             for row, i in enumerate(batch):
                 out[i] = float(logits[row, 0])

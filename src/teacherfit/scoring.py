@@ -49,6 +49,18 @@ def length_sorted_batches(lengths: Sequence[int], *, max_tokens: int, max_batch:
     return batches
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into (ids, attention_mask), padded on the right (scoring) or left (generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the model's output head (and final logit soft-capping where the architecture has it)."""
     logits = model.get_output_embeddings()(hidden)
@@ -78,15 +90,9 @@ def score_examples(
     results: list[ScoredExample | None] = [None] * len(examples)
     lengths = [len(ex.input_ids) for ex in examples]
     for batch in length_sorted_batches(lengths, max_tokens=max_tokens, max_batch=max_batch):
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # right padding: positions stay 0..n-1 without position_ids
-            n = lengths[i]
-            ids[row, :n] = torch.tensor(examples[i].input_ids)
-            labels[row, :n] = torch.tensor(examples[i].labels)
-            mask[row, :n] = 1
+        # right padding: positions stay 0..n-1 without position_ids
+        ids, mask = pad_batch([examples[i].input_ids for i in batch], pad_token_id)
+        labels, _ = pad_batch([examples[i].labels for i in batch], -100)
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         # position t predicts token t+1: keep hidden states whose *next* token is labelled
