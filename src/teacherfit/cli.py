@@ -14,8 +14,10 @@ from typing import Optional
 import typer
 
 from teacherfit.config import (
+    CacheTeacherConfig,
     ConfigError,
     CorrelateConfig,
+    DistillConfig,
     GenerateConfig,
     QuickstartConfig,
     RankConfig,
@@ -38,17 +40,18 @@ OutOpt = typer.Option(None, "--out", "-o", help="Run directory (re-running with 
 def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
     """Validate the config, run the pipeline, and turn known user errors into one clear line (exit 2)."""
     from teacherfit.data import DataError
+    from teacherfit.distill.train import TrainingDiverged
     from teacherfit.models import ModelError
 
     try:
         cfg = load_config(cls, config, overrides, **values)
         return fn(cfg)
-    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError, TrainingDiverged) as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
 
 
-def _pairs(items: list[str], what: str) -> list[dict]:
+def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
         if "=" not in item:
@@ -62,6 +65,9 @@ def _pairs(items: list[str], what: str) -> list[dict]:
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is being loaded and scored
 
 
 @app.command()
@@ -110,6 +116,40 @@ def correlate(
     from teacherfit.pipelines.correlate import run_correlate
 
     _run(run_correlate, CorrelateConfig, config, overrides, rank_run=rank_run, outcomes=outcomes, out=out)
+
+
+@app.command()
+def distill(
+    config: Optional[Path] = ConfigOpt,
+    student: Optional[str] = typer.Option(None, help="Student model: hub id, folder, .gguf or packaged name."),
+    teacher: Optional[str] = typer.Option(None, help="Online teacher (same tokenizer as the student)."),
+    teacher_cache: Optional[Path] = typer.Option(None, help="Offline top-k cache from `cache-teacher` instead of a teacher."),
+    responses: list[str] = typer.Option([], "--responses", "-r", help="NAME=PATH of a response set to train on. Repeatable."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in --out."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Distill a teacher into a student: L = (1-lambda) CE + lambda (w_pred L_pred + w_attn L_attn); checkpointed."""
+    from teacherfit.pipelines.distill import run_distill
+
+    data = {"responses": [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")]} if responses else None
+    _run(lambda cfg: run_distill(cfg, resume=resume), DistillConfig, config, overrides, student=student,
+         teacher=teacher, teacher_cache=teacher_cache, data=data, out=out)
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    config: Optional[Path] = ConfigOpt,
+    teacher: Optional[str] = typer.Option(None, help="Teacher model whose top-k distributions are cached."),
+    responses: list[str] = typer.Option([], "--responses", "-r", help="NAME=PATH of a response set. Repeatable."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Write the teacher's top-k log-probabilities for every response token (sharded, resumable)."""
+    from teacherfit.pipelines.cache_teacher import run_cache_teacher
+
+    data = {"responses": [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")]} if responses else None
+    _run(run_cache_teacher, CacheTeacherConfig, config, overrides, teacher=teacher, data=data, out=out)
 
 
 @app.command()

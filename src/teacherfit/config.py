@@ -129,10 +129,97 @@ class CorrelateConfig(Strict):
     out: Path | None = None
 
 
+class StudentInit(Strict):
+    """Build the student from a subset of `student`'s layers (e.g. a half-depth copy of the teacher)."""
+
+    layers: str | list[int] = Field(
+        "every_other", description="'every_other' (half depth: layers 0, 2, 4, ...), 'first:N', or explicit layer indices."
+    )
+
+
+class KDConfig(Strict):
+    """L = (1 - lambda) * CE + lambda * (w_pred * L_pred + w_attn * L_attn); defaults as the paper's configs."""
+
+    lambda_: float = Field(1.0, alias="lambda", ge=0, le=1, description="Weight of the KD terms against ground-truth CE.")
+    temperature: float = Field(1.0, gt=0, description="tau; the divergence is computed at tau and scaled by tau^2.")
+    w_pred: float = Field(1.0, ge=0, description="Weight of the prediction-layer (logit) KD term; 0 = off.")
+    w_attn: float = Field(1.0, ge=0, description="Weight of the attention KD term; 0 = off.")
+    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "tvd"] = "forward_kl"
+    divergence_kwargs: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} or {alpha: 0.1}.")
+    layer_map: str | dict[int, int] | list[list[int]] = Field(
+        "uniform", description="'uniform', 'last:N', or explicit {student_layer: teacher_layer}."
+    )
+    head_map: Literal["auto", "average", "one_to_one"] = Field(
+        "auto", description="'auto': one-to-one when head counts match, else head-averaged maps."
+    )
+    query_chunk: int = Field(128, ge=1, description="Query positions per attention-map chunk.")
+    head_chunk: int = Field(1024, ge=1, description="Tokens per chunk of the fused LM head + loss.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class LoraOptions(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="peft target_modules.")
+
+
+class TrainOptions(Strict):
+    lr: float = Field(2e-5, gt=0)
+    epochs: float = Field(2.0, gt=0, description="Passes over the data (the paper: 2).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
+    grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up, then cosine decay to 0.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (the paper: 0.1 for KD, 0 for DAE).")
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(2048, ge=16)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+class TrainData(Strict):
+    responses: list[ResponseSetConfig] = Field(default_factory=list, description="Response sets to train on.")
+    best_of_rank: Path | None = Field(
+        None, description="A rank run: per instruction, the response of the teacher with the best per-sample CAR."
+    )
+    limit: int | None = Field(None, ge=1)
+    on_error: Literal["stop", "skip"] = "stop"
+
+
+class DistillConfig(Strict):
+    student: str = Field(description="Student model (hub id, folder, .gguf, packaged name), or see student_init.")
+    student_init: StudentInit | None = None
+    teacher: str | None = Field(None, description="Online teacher (frozen, eval mode).")
+    teacher_cache: Path | None = Field(None, description="Offline top-k cache from `cache-teacher` (no teacher loaded).")
+    teacher_device: str | None = Field(None, description="Device of the online teacher (default: the student's).")
+    data: TrainData
+    kd: KDConfig = KDConfig()
+    train: TrainOptions = TrainOptions()
+    lora: LoraOptions | None = None
+    models: ModelOptions = ModelOptions()
+    out: Path | None = None
+
+
+class CacheTeacherConfig(Strict):
+    teacher: str = Field(description="Teacher model whose top-k next-token distributions are cached.")
+    data: TrainData
+    top_k: int = Field(32, ge=1, description="Token ids kept per position.")
+    max_length: int = Field(2048, ge=16)
+    examples_per_shard: int = Field(256, ge=1)
+    max_tokens: int = Field(4096, ge=64, description="Token budget per forward batch.")
+    models: ModelOptions = ModelOptions()
+    out: Path | None = None
+
+
 class QuickstartConfig(Strict):
     """The embedded default: everything small, on CPU, offline, with packaged models."""
 
     rank: RankConfig
+    distill: DistillConfig | None = None
     out: Path | None = None
 
 
@@ -188,7 +275,8 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-_PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "outcomes", "out"}
+_PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "outcomes", "out", "best_of_rank",
+              "teacher_cache"}
 
 
 def _resolve_relative_paths(data: Any, base: Path) -> Any:
@@ -213,6 +301,6 @@ def prepare_run_dir(cfg: BaseModel, command: str, runs_root: Path = Path("runs")
     out = getattr(cfg, "out", None) or runs_root / f"{command}-{config_digest(cfg)}"
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    resolved = json.loads(cfg.model_dump_json())
+    resolved = json.loads(cfg.model_dump_json(by_alias=True))
     atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return out

@@ -22,12 +22,15 @@ class _RateColumn(ProgressColumn):
         if elapsed <= 0:
             return Text("")
         tokens = task.fields.get("tokens", 0)
-        return Text(f"{task.completed / elapsed:.2f} rows/s  {tokens / elapsed:,.0f} tok/s", style="cyan")
+        info = task.fields.get("info", "")
+        unit = task.fields.get("unit", "rows")
+        done = task.completed - task.fields.get("start", 0)
+        return Text(f"{done / elapsed:.2f} {unit}/s  {tokens / elapsed:,.0f} tok/s  {info}", style="cyan")
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
-    """Yield ``advance(rows, tokens)``; the bar shows rows done, rows/s, tokens/s and the time left."""
+def progress_bar(description: str, total: int, *, unit: str = "rows", completed: int = 0) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(rows, tokens, info="")``; the bar shows rows done, rows/s, tokens/s, info and the time left."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -39,13 +42,13 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[int, int], 
         transient=False,
         disable=total == 0,
     ) as progress:
-        task = progress.add_task(description, total=total, tokens=0)
+        task = progress.add_task(description, total=total, tokens=0, unit=unit, info="", completed=completed, start=completed)
         tokens = 0
 
-        def advance(rows: int, new_tokens: int = 0) -> None:
+        def advance(rows: int, new_tokens: int = 0, info: str = "") -> None:
             nonlocal tokens
             tokens += new_tokens
-            progress.update(task, advance=rows, tokens=tokens)
+            progress.update(task, advance=rows, tokens=tokens, info=info)
 
         yield advance
 

@@ -282,6 +282,7 @@ def run_rank(cfg: RankConfig) -> RankResult:
         "student": student["model"],
         "reference_lm": ref["model"] if ref else None,
         "reward": rewards["reward"],
+        "response_sets": {s.name: str(Path(s.path).resolve()) for s in response_sets(cfg)},
         "load_reports": {n: rep.to_dict() for n, rep in reports.items()},
         "notes": notes,
         "teachers": teachers,

@@ -53,3 +53,23 @@ def correlate_report(result: dict[str, Any]) -> R.Report:
     rep.add_table([{"base model": k, **v} for k, v in result["paper_table4"].items()],
                   caption="Xu et al. 2024, Table 4")
     return rep
+
+
+def distill_report(summary: dict[str, Any], log: list[dict]) -> R.Report:
+    rep = R.Report("teacherfit distill", f"{summary['steps']} optimizer steps, student {summary['student'].get('model')}")
+    rep.add_kv({"student": summary["student"], "student layers": summary["student_layers"],
+                "teacher": summary["teacher"] or "none (sequence-level KD)", "layer map": summary["layer_map"] or "-",
+                "examples": summary["examples"], "final": summary["final"]})
+    for note in summary["notes"]:
+        rep.add_note(note)
+    if log:
+        steps = [r["step"] for r in log]
+        series = {name: (steps, [r[name] for r in log]) for name in ("loss", "ce", "kd", "attn")
+                  if any(r[name] for r in log)}
+        rep.add_image(R.plot_lines(series, title="Training losses", xlabel="optimizer step", ylabel="loss"),
+                      alt="loss curves")
+        rep.add_image(R.plot_lines({"lr": (steps, [r["lr"] for r in log])}, title="Learning rate",
+                                   xlabel="optimizer step", ylabel="lr"), alt="learning rate")
+        rep.add_table(log[-10:], ["step", "loss", "ce", "kd", "attn", "lr", "grad_norm", "tokens"],
+                      caption="Last logged steps")
+    return rep

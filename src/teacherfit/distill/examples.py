@@ -1,0 +1,82 @@
+"""Training examples for distillation: which (instruction, response) pairs, tokenized with response-only labels.
+
+Sources: response sets as they are (sequence-level KD on a teacher's responses), or ``best_of_rank``: per
+instruction, the response of the teacher whose per-sample CAR was best in a `teacherfit rank` run.
+Each example is keyed by a hash of its whole conversation, so the offline teacher cache and the training
+run agree on what an entry is, whatever file or order it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from teacherfit.config import TrainData
+from teacherfit.data import Record, TokenizedExample, load_records, record_id, tokenize_example
+
+
+def example_key(record: Record) -> str:
+    """Content hash of the full conversation (prompt and response)."""
+    return record_id(record.messages)
+
+
+def best_of_rank(rank_run: Path) -> list[Record]:
+    """Per instruction, the record of the teacher with the best per-sample CAR in a rank run."""
+    import pyarrow.parquet as pq
+
+    rank_run = Path(rank_run)
+    results = json.loads((rank_run / "results.json").read_text())
+    samples = pq.read_table(rank_run / "per_sample.parquet").to_pylist()
+    best: dict[str, dict] = {}
+    for s in samples:
+        if s["car"] is None or not math.isfinite(s["car"]):
+            continue
+        if s["id"] not in best or s["car"] > best[s["id"]]["car"]:
+            best[s["id"]] = s
+    sets = {name: {r.id: r for r in load_records(path, require_response=True).records}
+            for name, path in results["response_sets"].items()}
+    chosen = []
+    for sid, s in best.items():
+        rec = sets[s["teacher"]][sid]
+        chosen.append(Record(rec.id, rec.messages, rec.source, dict(rec.meta, chosen_by="best_per_sample_car",
+                                                                    chosen_car=s["car"])))
+    return chosen
+
+
+def training_records(cfg: TrainData) -> list[Record]:
+    records: list[Record] = []
+    for rs in cfg.responses:
+        records += load_records(rs.path, require_response=True, on_error=cfg.on_error).records
+    if cfg.best_of_rank is not None:
+        records += best_of_rank(cfg.best_of_rank)
+    if not records:
+        raise ValueError("no training data: give data.responses or data.best_of_rank")
+    seen, unique = set(), []
+    for r in records:  # the same conversation twice would be trained on twice: keep one
+        key = example_key(r)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique[: cfg.limit] if cfg.limit else unique
+
+
+@dataclass
+class TrainExample:
+    key: str
+    tokens: TokenizedExample
+
+
+def tokenize_records(records: list[Record], tokenizer, max_length: int) -> tuple[list[TrainExample], dict[str, int]]:
+    """Tokenize with response-only labels; count (never silently drop) truncated and unlearnable examples."""
+    out, stats = [], {"records": len(records), "truncated": 0, "no_response_tokens": 0}
+    for r in records:
+        ex = tokenize_example(tokenizer, r.messages, max_length=max_length)
+        stats["truncated"] += ex.truncated
+        if ex.n_response_tokens == 0:
+            stats["no_response_tokens"] += 1
+            continue
+        out.append(TrainExample(example_key(r), ex))
+    stats["examples"] = len(out)
+    return out, stats

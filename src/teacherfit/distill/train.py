@@ -1,0 +1,434 @@
+"""The distillation training runtime: one loop for `distill` (and, later, `align`), built on accelerate.
+
+The loop is in view (STYLE.md): each optimizer step takes ``grad_accum`` micro-batches, computes the loss
+terms as *sums*, divides them by the real token counts of the whole step (across micro-batches and
+processes), backpropagates, clips, steps AdamW and the cosine schedule. The data order is a pure function
+of (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Memory: the student's LM head and the KD loss run over chunks of response tokens inside
+``DistillModule.forward`` (so FSDP sees one module), attention maps only for mapped layers in query chunks;
+the teacher runs frozen in inference mode, or is replaced by the offline top-k cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from teacherfit.config import DistillConfig, KDConfig, TrainOptions
+from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
+from teacherfit.distill.examples import TrainExample
+from teacherfit.distill.losses import chunked_head_losses
+from teacherfit.scoring import pad_batch
+from teacherfit.store import atomic_write_json, atomic_write_text
+from teacherfit.ui import console, progress_bar
+
+LOG_FILE = "log.jsonl"
+CKPT_DIR = "checkpoints"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or inf; the run stopped and the last good checkpoint is kept."""
+
+
+class VocabHead(nn.Module):
+    """An LM head restricted to the first ``size`` rows: drops padded vocabulary rows no token uses."""
+
+    def __init__(self, head: nn.Module, size: int):
+        super().__init__()
+        self.head, self.size = head, size
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)[..., : self.size]
+
+
+def output_head(model: nn.Module, vocab: int | None = None) -> nn.Module:
+    head = model.get_output_embeddings()
+    return head if vocab is None or head.weight.shape[0] == vocab else VocabHead(head, vocab)
+
+
+def softcap_of(model: nn.Module) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None) or None
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return base.get_decoder()
+
+
+def heads_of(model: nn.Module) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.num_attention_heads
+
+
+def layers_of(model: nn.Module) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.num_hidden_layers
+
+
+@dataclass
+class Micro:
+    """One micro-batch: padded ids, mask, labels, and the example keys (for the cache and error messages)."""
+
+    keys: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    @property
+    def loss_tokens(self) -> int:
+        return int((self.labels[:, 1:] != -100).sum())
+
+    @property
+    def query_tokens(self) -> int:
+        return int((self.labels != -100).sum())
+
+
+def collate(examples: list[TrainExample], pad_id: int) -> Micro:
+    ids, mask = pad_batch([e.tokens.input_ids for e in examples], pad_id)
+    labels, _ = pad_batch([e.tokens.labels for e in examples], -100)
+    return Micro([e.key for e in examples], ids, mask, labels)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch: a pure function of (seed, epoch), so resuming needs no sampler state."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+class Schedule:
+    """Which examples each micro-batch of each optimizer step holds, for this process."""
+
+    def __init__(self, n_examples: int, opts: TrainOptions, world: int = 1, rank: int = 0):
+        self.n, self.opts, self.world, self.rank = n_examples, opts, world, rank
+        self.micro_per_epoch = max(1, n_examples // opts.batch_size)  # drop the ragged last micro-batch
+        per_step = opts.grad_accum * world
+        self.total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * self.micro_per_epoch / per_step))
+
+    def step(self, step: int) -> list[list[int]]:
+        per_step = self.opts.grad_accum * self.world
+        micro = []
+        for g in range(step * per_step, (step + 1) * per_step):
+            if g % self.world != self.rank:
+                continue
+            epoch, pos = divmod(g, self.micro_per_epoch)
+            order = epoch_order(self.n, self.opts.seed, epoch)
+            micro.append(order[pos * self.opts.batch_size : (pos + 1) * self.opts.batch_size])
+        return micro
+
+
+class DistillModule(nn.Module):
+    """The student plus the whole loss, so that wrappers (DDP, FSDP, DeepSpeed) see a single forward."""
+
+    def __init__(self, student: nn.Module, kd: KDConfig, *, vocab: int | None, layer_map: dict[int, int] | None,
+                 capture: AttentionCapture | None):
+        super().__init__()
+        self.student = student
+        self.kd = kd
+        self.vocab = vocab
+        self.layer_map = layer_map
+        self.capture = capture
+
+    def forward(self, input_ids, attention_mask, labels, *, teacher_hidden=None, teacher_head=None,
+                teacher_softcap=None, teacher_topk=None, teacher_captured=None) -> dict[str, Any]:
+        if self.capture is not None:
+            self.capture.clear()
+        hidden = decoder_of(self.student)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        sums = chunked_head_losses(
+            hidden[:, :-1],
+            output_head(self.student, self.vocab),
+            labels[:, 1:],
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[:, :-1],
+            teacher_head=teacher_head,
+            teacher_topk=teacher_topk,
+            divergence=self.kd.divergence,
+            divergence_kwargs=self.kd.divergence_kwargs or None,
+            temperature=self.kd.temperature,
+            chunk_size=self.kd.head_chunk,
+            softcap=softcap_of(self.student),
+            teacher_softcap=teacher_softcap,
+        )
+        if self.capture is not None and teacher_captured is not None:
+            attn_sum, attn_count = attention_kd_sums(
+                self.capture, teacher_captured, self.layer_map, labels != -100,
+                head_map=self.kd.head_map, query_chunk=self.kd.query_chunk,
+            )
+            sums["attn_sum"], sums["attn_count"] = attn_sum, attn_count
+        return sums
+
+
+class OnlineTeacher:
+    """The frozen teacher run beside the student (same or another device), in inference mode."""
+
+    def __init__(self, model: nn.Module, *, vocab: int | None, attn_layers: list[int] | None,
+                 device: torch.device, student_device: torch.device):
+        import copy
+
+        self.model = model.eval().requires_grad_(False)
+        head = output_head(model, vocab)
+        # the KD chunks run where the student's hidden states are: a copy of the head only if devices differ
+        self.head = head if device == student_device else copy.deepcopy(head).to(student_device)
+        self.softcap = softcap_of(model)
+        self.device, self.student_device = device, student_device
+        self.capture = AttentionCapture(model, attn_layers) if attn_layers else None
+        if self.capture is not None:
+            self.capture.__enter__()
+
+    def __call__(self, micro: Micro) -> dict[str, Any]:
+        if self.capture is not None:
+            self.capture.clear()
+        with torch.no_grad():
+            hidden = decoder_of(self.model)(input_ids=micro.input_ids.to(self.device),
+                                            attention_mask=micro.attention_mask.to(self.device)).last_hidden_state
+        signal: dict[str, Any] = {"teacher_hidden": hidden.to(self.student_device), "teacher_head": self.head,
+                                  "teacher_softcap": self.softcap}
+        if self.capture is not None:
+            signal["teacher_captured"] = {
+                k: v._replace(query=v.query.to(self.student_device), key=v.key.to(self.student_device))
+                for k, v in self.capture.captured.items()}
+        return signal
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.__exit__(None, None, None)
+
+
+class CachedTeacher:
+    """The teacher's top-k distributions read from an offline cache (no teacher in memory)."""
+
+    def __init__(self, cache, student_device: torch.device):
+        self.cache, self.student_device = cache, student_device
+
+    def __call__(self, micro: Micro) -> dict[str, Any]:
+        ids, logprobs = self.cache.collate(micro.keys, micro.labels[:, 1:])
+        return {"teacher_topk": (ids.to(self.student_device), logprobs.to(self.student_device))}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    log: list[dict] = field(default_factory=list)
+    model_dir: Path | None = None
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / CKPT_DIR
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = [p for p in _checkpoints(run_dir) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """accelerate's full state (model, optimizer, scheduler, RNG) written to a temp dir, then renamed."""
+    root = run_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / "state.json", {"step": step})  # written last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        older = [p for p in _checkpoints(run_dir) if p != final]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _read_log(path: Path, before_step: int) -> list[dict]:
+    """Log rows of steps already done (a resumed run rewrites the rows after its checkpoint)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line from a killed run
+            continue
+        if row["step"] < before_step:
+            rows.append(row)
+    return rows
+
+
+def _append_line(path: Path, row: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tracker(run_dir: Path):
+    """TensorBoard when installed (optional): scalars beside the JSONL log."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train(
+    cfg: DistillConfig,
+    run_dir: Path,
+    student: nn.Module,
+    tokenizer,
+    examples: list[TrainExample],
+    teacher_factory: Callable[[torch.device], OnlineTeacher | CachedTeacher | None],
+    *,
+    vocab: int | None,
+    layer_map: dict[int, int] | None,
+    resume: bool = True,
+) -> TrainResult:
+    """Run (or resume) the optimisation; returns the log and where the final model was saved."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    opts, kd = cfg.train, cfg.kd
+    cpu = cfg.models.device == "cpu" or not torch.cuda.is_available()
+    mixed = "no" if cpu or cfg.models.dtype in ("float32", "fp32") else (
+        "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    torch.manual_seed(opts.seed)
+    schedule = Schedule(len(examples), opts, accelerator.num_processes, accelerator.process_index)
+    if len(examples) < opts.batch_size:
+        raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch (batch_size={opts.batch_size})")
+
+    attn_on = kd.w_attn > 0 and kd.lambda_ > 0 and layer_map
+    capture = AttentionCapture(student, list(layer_map)) if attn_on else None
+    module = DistillModule(student, kd, vocab=vocab, layer_map=layer_map if attn_on else None, capture=capture)
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(opts.warmup_steps, schedule.total_steps),
+                                                schedule.total_steps)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    teacher = teacher_factory(accelerator.device)
+    needs_teacher = kd.lambda_ > 0 and (kd.w_pred > 0 or attn_on)
+    if needs_teacher and teacher is None:
+        raise ValueError("KD terms are on (kd.lambda > 0) but no teacher or teacher_cache was given")
+
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+        console.print(f"resuming from {ckpt.name} (step {start} of {schedule.total_steps})")
+    log_path = run_dir / LOG_FILE
+    log = _read_log(log_path, start)
+    if accelerator.is_main_process:
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
+    tracker = _tracker(run_dir) if accelerator.is_main_process else None
+    world = accelerator.num_processes
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    clock = time.perf_counter()
+    if capture is not None:
+        capture.__enter__()
+    try:
+        with progress_bar("distill", schedule.total_steps, unit="steps", completed=start) as advance:
+            for step in range(start, schedule.total_steps):
+                micros = [collate([examples[i] for i in idx], pad_id) for idx in schedule.step(step)]
+                counts = torch.tensor([sum(m.loss_tokens for m in micros),
+                                       sum(m.query_tokens for m in micros)], dtype=torch.float64,
+                                      device=accelerator.device)
+                tokens_global, queries_global = accelerator.reduce(counts, "sum").tolist()
+                totals = {"ce": 0.0, "kd": 0.0, "attn": 0.0}
+                for k, micro in enumerate(micros):
+                    signal = teacher(micro) if (teacher is not None and needs_teacher) else {}
+                    sync = accelerator.no_sync(module) if k < len(micros) - 1 else contextlib.nullcontext()
+                    with sync:
+                        sums = module(micro.input_ids.to(accelerator.device),
+                                      micro.attention_mask.to(accelerator.device),
+                                      micro.labels.to(accelerator.device), **signal)
+                        terms = {"ce": sums["ce_sum"] / tokens_global, "kd": sums["kd_sum"] / tokens_global}
+                        if attn_on and "attn_sum" in sums:
+                            # mean over (layer, head, response query) of the whole step: this micro-batch's
+                            # mean, weighted by its share of the step's response queries
+                            share = micro.query_tokens / queries_global
+                            terms["attn"] = sums["attn_sum"] / max(sums["attn_count"], 1) * share
+                        for name, value in terms.items():
+                            if not torch.isfinite(value):
+                                last = latest_checkpoint(run_dir)
+                                raise TrainingDiverged(
+                                    f"non-finite {name} loss at step {step + 1}, micro-batch {k} "
+                                    f"(examples {micro.keys}); last good checkpoint: {last or 'none'}")
+                        loss = (1 - kd.lambda_) * terms["ce"] + kd.lambda_ * kd.w_pred * terms["kd"]
+                        if "attn" in terms:
+                            loss = loss + kd.lambda_ * kd.w_attn * terms["attn"]
+                        # DDP averages gradients over processes; the terms are already global means
+                        accelerator.backward(loss * world)
+                    for name, value in terms.items():
+                        totals[name] += float(value.detach()) * world
+                grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                total = (1 - kd.lambda_) * totals["ce"] + kd.lambda_ * (kd.w_pred * totals["kd"] + kd.w_attn * totals["attn"])
+                row = {"step": step + 1, "loss": total, "ce": totals["ce"], "kd": totals["kd"], "attn": totals["attn"],
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens_global),
+                       "elapsed_s": round(time.perf_counter() - clock, 3)}
+                if accelerator.is_main_process and (step + 1) % opts.log_every == 0:
+                    _append_line(log_path, row)
+                    if tracker is not None:
+                        for key in ("loss", "ce", "kd", "attn", "lr", "grad_norm"):
+                            tracker.add_scalar(f"train/{key}", row[key], step + 1)
+                log.append(row)
+                advance(1, int(tokens_global), info=f"loss {total:.4f}")
+                if (step + 1) % opts.checkpoint_every == 0 or step + 1 == schedule.total_steps:
+                    save_checkpoint(accelerator, run_dir, step + 1, opts.keep_checkpoints)
+    finally:
+        if capture is not None:
+            capture.__exit__(None, None, None)
+        if teacher is not None:
+            teacher.close()
+        if tracker is not None:
+            tracker.close()
+    result = TrainResult(run_dir, schedule.total_steps, log, resumed_from=start,
+                         seconds=time.perf_counter() - clock)
+    result.model_dir = save_final_model(accelerator, module, tokenizer, run_dir / "model")
+    return result
+
+
+def save_final_model(accelerator, module, tokenizer, out: Path) -> Path:
+    """The student in Hugging Face format (safetensors; LoRA merged), loadable by transformers and vLLM."""
+    accelerator.wait_for_everyone()
+    student = accelerator.unwrap_model(module).student
+    if hasattr(student, "merge_and_unload"):
+        student = student.merge_and_unload()
+    if accelerator.is_main_process:
+        tmp = out.parent / f".tmp-{out.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,142 @@
+"""`teacherfit cache-teacher`: run the teacher once, store its top-k next-token log-probs for training.
+
+The cache holds one row per loss position (t with ``labels[t + 1] != -100``) of every training example;
+``teacherfit distill`` with ``teacher_cache`` then reads it and never loads the teacher. Storage format and
+accuracy: ``teacherfit.distill.cache``.
+
+Resumable like `generate`: shards and the index are written atomically, and the index lists only complete
+shards, so a run killed at any instant and restarted with the same output folder skips the examples in
+listed shards and recomputes the rest; every example ends up cached exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from teacherfit.config import CacheTeacherConfig, prepare_run_dir
+from teacherfit.distill.cache import TopKCacheWriter, tokenizer_digest
+from teacherfit.distill.examples import TrainExample, tokenize_records, training_records
+from teacherfit.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+from teacherfit.scoring import length_sorted_batches, lm_head_logits, pad_batch
+from teacherfit.store import atomic_write_json
+from teacherfit.ui import console, progress_bar
+
+HEAD_CHUNK = 512  # loss positions per LM-head call: bounds the fp32 logits to HEAD_CHUNK x vocabulary
+MAX_BATCH = 64  # examples per forward batch, on top of the token budget
+
+
+def teacher_identity(cfg: CacheTeacherConfig) -> dict:
+    """Which teacher, at which precision, without loading it (stored in the cache's meta)."""
+    resolved = resolve_model(cfg.teacher)
+    dtype = pick_dtype(cfg.models.dtype, pick_device(cfg.models.device))
+    return dict(resolved.provenance, kind=resolved.kind, dtype=str(dtype).removeprefix("torch."))
+
+
+@torch.inference_mode()
+def teacher_topk(
+    model,
+    examples: Sequence[TrainExample],
+    *,
+    top_k: int,
+    pad_token_id: int,
+    max_tokens: int,
+    max_batch: int = MAX_BATCH,
+    head_chunk: int = HEAD_CHUNK,
+) -> Iterator[tuple[list[tuple[TrainExample, torch.Tensor, torch.Tensor]], int]]:
+    """Per length-sorted batch: ``[(example, ids [N, K] int64, logprobs [N, K] fp32), ...]`` and its real tokens.
+
+    The decoder runs on the padded batch; the LM head runs only on the hidden states of loss positions,
+    ``head_chunk`` at a time, so the full [B, T, V] logits never exist. ``logits - logsumexp(logits)`` at
+    the top-k logits is ``topk(log_softmax(logits))`` without a second vocabulary-sized tensor.
+    """
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if top_k > vocab:
+        raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({vocab} tokens): lower top_k")
+    lengths = [len(ex.tokens.input_ids) for ex in examples]
+    for batch in length_sorted_batches(lengths, max_tokens=max_tokens, max_batch=max_batch):
+        ids, mask = pad_batch([examples[i].tokens.input_ids for i in batch], pad_token_id)
+        labels, _ = pad_batch([examples[i].tokens.labels for i in batch], -100)
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        keep = labels[:, 1:] != -100  # position t predicts token t + 1 (right padding: positions 0..n-1)
+        h = hidden[:, :-1][keep]  # row-major: example by example, positions in order
+        del hidden
+        top_ids = torch.empty(h.shape[0], top_k, dtype=torch.long)
+        top_lps = torch.empty(h.shape[0], top_k, dtype=torch.float32)
+        for s in range(0, h.shape[0], head_chunk):
+            logits = lm_head_logits(model, h[s : s + head_chunk]).float()
+            values, indices = logits.topk(top_k, dim=-1)
+            top_lps[s : s + head_chunk] = (values - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
+            top_ids[s : s + head_chunk] = indices.cpu()
+            del logits
+        counts = keep.sum(dim=1).tolist()
+        out, start = [], 0
+        for i, n in zip(batch, counts):
+            out.append((examples[i], top_ids[start : start + n], top_lps[start : start + n]))
+            start += n
+        yield out, int(mask.sum())
+
+
+def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
+    run_dir = prepare_run_dir(cfg, "cache-teacher")
+    records = training_records(cfg.data)
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)
+    examples, token_stats = tokenize_records(records, tokenizer, cfg.max_length)
+    writer = TopKCacheWriter(
+        run_dir,
+        top_k=cfg.top_k,
+        teacher_provenance=teacher_identity(cfg),
+        tokenizer_digest=tokenizer_digest(tokenizer),
+        max_length=cfg.max_length,
+        examples_per_shard=cfg.examples_per_shard,
+    )
+    done = writer.done_keys()
+    todo = [ex for ex in examples if ex.key not in done]
+    if len(todo) < len(examples):
+        console.print(f"cache-teacher: resuming, {len(examples) - len(todo)} examples already cached, {len(todo)} to go")
+    if token_stats["truncated"]:
+        console.print(f"[yellow]cache-teacher: {token_stats['truncated']} examples truncated to max_length={cfg.max_length}[/]")
+
+    start = time.perf_counter()
+    input_tokens = cached_now = 0
+    if todo:
+        loaded = load_model(cfg.teacher, device=cfg.models.device, dtype=cfg.models.dtype,
+                            trust_remote_code=cfg.models.trust_remote_code)
+        with progress_bar("cache teacher", len(todo)) as advance:
+            for rows, n_tokens in teacher_topk(loaded.model, todo, top_k=cfg.top_k,
+                                               pad_token_id=loaded.tokenizer.pad_token_id, max_tokens=cfg.max_tokens):
+                for ex, ids, lps in rows:
+                    writer.add(ex.key, ids, lps)
+                    cached_now += ids.shape[0]
+                input_tokens += n_tokens
+                advance(len(rows), n_tokens)
+        del loaded
+    writer.close()
+    seconds = time.perf_counter() - start
+
+    stats = writer.stats()
+    summary = {
+        "cache": str(run_dir),
+        "examples": stats["examples"],
+        "tokens": stats["tokens"],
+        "bytes": stats["bytes"],
+        "bytes_per_token": round(stats["bytes"] / stats["tokens"], 2) if stats["tokens"] else None,
+        "payload_bytes_per_token": writer.meta["bytes_per_token"],
+        "shards": stats["shards"],
+        "k": cfg.top_k,
+        "encoding": writer.meta["encoding"],
+        "teacher": writer.meta["teacher"],
+        "examples_now": len(todo),
+        "resumed": len(examples) - len(todo),
+        "tokens_now": cached_now,
+        "seconds": round(seconds, 2),
+        "teacher_tokens_per_s": round(input_tokens / seconds, 1) if todo and seconds > 0 else None,
+        "tokenize": token_stats,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,165 @@
+"""`teacherfit distill`: train a student from a teacher (sequence, logit and attention KD).
+
+The sequence: training data -> student (loaded, or built from a subset of its layers) -> compatibility
+check against the teacher (before any weights of the teacher are loaded) -> tokenized examples ->
+optional LoRA -> the training runtime (`distill.train`) -> final model, log, report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from teacherfit.config import DistillConfig, StudentInit, prepare_run_dir
+from teacherfit.distill.compat import check_kd_compatibility
+from teacherfit.distill.examples import tokenize_records, training_records
+from teacherfit.distill.train import CachedTeacher, OnlineTeacher, decoder_of, layers_of, train
+from teacherfit.models import load_model, load_tokenizer, pick_device
+from teacherfit.store import atomic_write_json
+from teacherfit.ui import console
+
+
+def select_layers(spec: str | list[int], n_layers: int) -> list[int]:
+    """'every_other' -> 0, 2, 4...; 'first:N'; or explicit indices (validated)."""
+    if spec == "every_other":
+        return list(range(0, n_layers, 2))
+    if isinstance(spec, str) and spec.startswith("first:"):
+        n = int(spec.split(":", 1)[1])
+        if not 1 <= n <= n_layers:
+            raise ValueError(f"student_init.layers {spec!r}: N must be in 1..{n_layers}")
+        return list(range(n))
+    if isinstance(spec, list) and spec and all(isinstance(i, int) and 0 <= i < n_layers for i in spec):
+        return list(spec)
+    raise ValueError(f"student_init.layers must be 'every_other', 'first:N' or indices in 0..{n_layers - 1}, got {spec!r}")
+
+
+def shrink_layers(model: nn.Module, init: StudentInit) -> nn.Module:
+    """Keep a subset of the decoder layers (the rest of the model unchanged): a smaller student that starts
+    from the teacher's own weights."""
+    decoder = decoder_of(model)
+    keep = select_layers(init.layers, len(decoder.layers))
+    decoder.layers = nn.ModuleList([decoder.layers[i] for i in keep])
+    for new_index, layer in enumerate(decoder.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index  # KV cache and attention capture address layers by this index
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return model
+
+
+def build_student(cfg: DistillConfig):
+    # master weights in fp32; on CUDA accelerate runs the forward in bf16 autocast
+    loaded = load_model(cfg.student, device="cpu", dtype="float32", trust_remote_code=cfg.models.trust_remote_code)
+    model = loaded.model
+    if cfg.student_init is not None:
+        model = shrink_layers(model, cfg.student_init)
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    model.train()
+    model.config.use_cache = False
+    return model, loaded.tokenizer, loaded.provenance
+
+
+def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
+    run_dir = prepare_run_dir(cfg, "distill")
+    if cfg.teacher and cfg.teacher_cache:
+        raise ValueError("give either teacher (online) or teacher_cache (offline), not both")
+    kd_on = cfg.kd.lambda_ > 0 and (cfg.kd.w_pred > 0 or cfg.kd.w_attn > 0)
+    if kd_on and not (cfg.teacher or cfg.teacher_cache):
+        raise ValueError("kd.lambda > 0 needs a teacher or a teacher_cache (or set kd.lambda=0 for sequence-level KD)")
+    if cfg.teacher_cache and cfg.kd.w_attn > 0 and cfg.kd.lambda_ > 0:
+        raise ValueError("attention KD needs the online teacher (the cache holds next-token distributions only): "
+                         "set kd.w_attn=0 or give `teacher`")
+    records = training_records(cfg.data)
+    student, tokenizer, student_prov = build_student(cfg)
+    notes: list[str] = []
+    vocab = None
+    cache = None
+    if cfg.teacher and kd_on:
+        # tokenizers first: a mismatch is refused before the teacher's weights are read
+        teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)
+        from transformers import AutoConfig
+
+        from teacherfit.models import resolve_model
+
+        t_cfg = AutoConfig.from_pretrained(resolve_model(cfg.teacher).location,
+                                           trust_remote_code=cfg.models.trust_remote_code)
+        t_rows = (t_cfg.get_text_config() if hasattr(t_cfg, "get_text_config") else t_cfg).vocab_size
+        compat = check_kd_compatibility(tokenizer, teacher_tok, student_rows=student.get_output_embeddings().weight.shape[0],
+                                        teacher_rows=t_rows, student_name=cfg.student, teacher_name=cfg.teacher)
+        vocab, notes = compat.vocab, compat.notes
+    if cfg.teacher_cache and kd_on:
+        from teacherfit.distill.cache import TopKCache, tokenizer_digest
+
+        cache = TopKCache(cfg.teacher_cache)
+        if cache.meta.get("tokenizer_digest") != tokenizer_digest(tokenizer):
+            raise ValueError(f"the teacher cache {cfg.teacher_cache} was made with another tokenizer than "
+                             f"{cfg.student}'s: logit KD needs the same tokenizer")
+    examples, stats = tokenize_records(records, tokenizer, cfg.train.max_length)
+    if stats["truncated"]:
+        notes.append(f"{stats['truncated']} examples longer than max_length={cfg.train.max_length} were truncated")
+    if stats["no_response_tokens"]:
+        notes.append(f"{stats['no_response_tokens']} examples had no response token left and were not used")
+    if cache is not None:
+        missing = [e.key for e in examples if e.key not in cache]
+        if missing:
+            raise ValueError(f"{len(missing)} training examples are not in the teacher cache {cfg.teacher_cache}: "
+                             "run `teacherfit cache-teacher` on the same data")
+
+    layer_map = None
+    attn_on = cfg.teacher and kd_on and cfg.kd.w_attn > 0
+    teacher_loaded = None
+    if cfg.teacher and kd_on:
+        teacher_loaded = load_model(cfg.teacher, device=cfg.teacher_device or cfg.models.device,
+                                    dtype=cfg.models.dtype, trust_remote_code=cfg.models.trust_remote_code)
+        if attn_on:
+            from teacherfit.distill.attention import parse_layer_map
+
+            layer_map = parse_layer_map(cfg.kd.layer_map, layers_of(student), layers_of(teacher_loaded.model))
+
+    def teacher_factory(student_device: torch.device):
+        if teacher_loaded is not None:
+            return OnlineTeacher(teacher_loaded.model, vocab=vocab, attn_layers=sorted(set(layer_map.values())) if layer_map else None,
+                                 device=teacher_loaded.device, student_device=student_device)
+        if cache is not None:
+            return CachedTeacher(cache, student_device)
+        return None
+
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    result = train(cfg, run_dir, student, tokenizer, examples, teacher_factory, vocab=vocab, layer_map=layer_map,
+                   resume=resume)
+    summary = {
+        "run_dir": str(run_dir),
+        "model_dir": str(result.model_dir),
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "seconds": round(result.seconds, 2),
+        "examples": stats,
+        "student": student_prov,
+        "student_layers": layers_of(student),
+        "teacher": teacher_loaded.provenance if teacher_loaded else (cache.meta.get("teacher") if cache else None),
+        "layer_map": {str(k): v for k, v in (layer_map or {}).items()},
+        "notes": notes,
+        "final": result.log[-1] if result.log else None,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    from teacherfit.pipelines.reports import distill_report
+
+    distill_report(summary, result.log).write(run_dir / "report.html")
+    console.print(f"student saved to {result.model_dir}; report: {run_dir / 'report.html'}")
+    return summary
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,235 @@
+"""The distillation engine on tiny real models: values, normalisation, resume, refusals."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from teacherfit.cli import app
+from teacherfit.config import DistillConfig, load_config
+from teacherfit.data import Record, write_records
+from teacherfit.distill.compat import KDIncompatible, check_kd_compatibility
+from teacherfit.distill.examples import tokenize_records, training_records
+from teacherfit.distill.train import Schedule, collate
+from tiny import save_tiny, tiny_llama, tiny_tokenizer
+
+runner = CliRunner()
+
+QA = [("Write a short poem about the sea.", "The sea is blue and wide, the sky is grey."),
+      ("List three colours.", "red, green and blue"),
+      ("What is the capital of France?", "Paris is the capital of France."),
+      ("Explain how a neural network learns.", "It computes a loss, then gradients, then updates."),
+      ("def add(a, b):", "    return a + b"),
+      ("Translate good morning into French.", "bonjour"),
+      ("Say hello.", "Hello! How can I help?"),
+      ("Name a fox.", "The quick brown fox.")]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("distill")
+    teacher = save_tiny(tiny_llama(tokenizer, seed=21, layers=4), tokenizer, root / "teacher")
+    student = save_tiny(tiny_llama(tokenizer, seed=22, layers=2), tokenizer, root / "student")
+    recs = [Record.from_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
+    data = write_records(root / "train.jsonl", recs)
+    return root, teacher, student, data
+
+
+def _cfg(ws, out, *extra):
+    root, teacher, student, data = ws
+    return load_config(DistillConfig, None, [
+        f"student={student}", f"teacher={teacher}", f"data.responses=[{{name: t, path: {data}}}]",
+        "train.batch_size=2", "train.grad_accum=2", "train.max_steps=4", "train.warmup_steps=1",
+        "train.lr=1e-3", "train.checkpoint_every=2", "models.device=cpu", f"out={out}", *extra])
+
+
+def naive_step_loss(cfg, student, teacher, micros, layer_map):
+    """(1-l) CE + l (w_pred KL_fwd + w_attn L_attn) over the whole step, from full logits and eager maps."""
+    ce_sum = kd_sum = 0.0
+    n_tok = 0
+    attn_terms, n_q = [], 0
+    for m in micros:
+        with torch.no_grad():
+            s = student(m.input_ids, attention_mask=m.attention_mask, output_attentions=True)
+            t = teacher(m.input_ids, attention_mask=m.attention_mask, output_attentions=True)
+        for b in range(m.input_ids.shape[0]):
+            for pos in range(m.input_ids.shape[1] - 1):
+                y = int(m.labels[b, pos + 1])
+                if y == -100:
+                    continue
+                ls = F.log_softmax(s.logits[b, pos].double(), -1)
+                lt = F.log_softmax(t.logits[b, pos].double(), -1)
+                ce_sum += -float(ls[y])
+                kd_sum += float((lt.exp() * (lt - ls)).sum())
+                n_tok += 1
+            for pos in range(m.input_ids.shape[1]):
+                if int(m.labels[b, pos]) == -100:
+                    continue
+                n_q += 1
+                for sl, tl in layer_map.items():
+                    a_s = s.attentions[sl][b, :, pos, : pos + 1].double()
+                    a_t = t.attentions[tl][b, :, pos, : pos + 1].double()
+                    # same head count here: one-to-one heads, mean over layers and heads
+                    attn_terms.append(float((a_t * (a_t.clamp_min(1e-30).log() - a_s.clamp_min(1e-10).log())).sum(-1).mean()))
+    lam, kd = cfg.kd.lambda_, cfg.kd
+    attn = sum(attn_terms) / len(attn_terms)
+    return (1 - lam) * ce_sum / n_tok + lam * (kd.w_pred * kd_sum / n_tok + kd.w_attn * attn), ce_sum / n_tok
+
+
+def test_first_step_loss_matches_naive_reference(ws, tokenizer, tmp_path):
+    from teacherfit.pipelines.distill import run_distill
+
+    cfg = _cfg(ws, tmp_path / "run", "kd.lambda=0.7", "kd.w_attn=0.5", "train.max_steps=1")
+    root, teacher_dir, student_dir, _ = ws
+    recs = training_records(cfg.data)
+    examples, _ = tokenize_records(recs, tokenizer, cfg.train.max_length)
+    micros = [collate([examples[i] for i in idx], tokenizer.pad_token_id)
+              for idx in Schedule(len(examples), cfg.train).step(0)]
+    student = AutoModelForCausalLM.from_pretrained(student_dir, attn_implementation="eager").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, attn_implementation="eager").eval()
+    expected, expected_ce = naive_step_loss(cfg, student, teacher, micros, {0: 1, 1: 3})  # uniform map 2 -> 4
+    summary = run_distill(cfg)
+    first = summary["final"]
+    assert summary["layer_map"] == {"0": 1, "1": 3}
+    assert first["ce"] == pytest.approx(expected_ce, rel=1e-5)
+    assert first["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_grad_accumulation_is_normalised_by_real_tokens(ws, tmp_path):
+    """One step of 4 examples: one micro-batch of 4 and two of 2 give the same update."""
+    from teacherfit.pipelines.distill import run_distill
+
+    a = run_distill(_cfg(ws, tmp_path / "a", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=1"))
+    b = run_distill(_cfg(ws, tmp_path / "b", "train.batch_size=2", "train.grad_accum=2", "train.max_steps=1"))
+    assert a["final"]["loss"] == pytest.approx(b["final"]["loss"], rel=1e-6)
+    ma = AutoModelForCausalLM.from_pretrained(a["model_dir"])
+    mb = AutoModelForCausalLM.from_pretrained(b["model_dir"])
+    for (name, pa), (_, pb) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+
+
+def test_cli_distill_half_depth_student_end_to_end(ws, tmp_path):
+    root, teacher, _, data = ws
+    out = tmp_path / "half"
+    result = runner.invoke(app, ["distill", "--student", str(teacher), "--teacher", str(teacher),
+                                 "--responses", f"t={data}", "--out", str(out),
+                                 "--set", "student_init={layers: every_other}", "--set", "train.max_steps=3",
+                                 "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
+                                 "--set", "models.device=cpu"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["kd"] >= 0 and r["attn"] >= 0 for r in log)
+    # a half-depth copy of the teacher starts close to it: small but non-zero KD
+    assert 0 < log[0]["kd"] < 5
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 2
+    assert (out / "model" / "model.safetensors").exists()
+    html = (out / "report.html").read_text()
+    assert 'alt="loss curves"' in html and "data:image/png;base64," in html
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layer_map"] == {"0": 1, "1": 3} and summary["student_layers"] == 2
+
+
+def test_mismatched_tokenizer_is_refused_before_loading_the_teacher(ws, tmp_path):
+    root, teacher, student, data = ws
+    other_tok = tiny_tokenizer(vocab_size=300)
+    other = save_tiny(tiny_llama(other_tok, seed=3), other_tok, tmp_path / "other")
+    os.remove(other / "model.safetensors")  # its weights are never read
+    result = runner.invoke(app, ["distill", "--student", str(student), "--teacher", str(other),
+                                 "--responses", f"t={data}", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert "same tokenizer" in text and "sequence-level KD" in text
+
+
+def test_padded_vocabulary_rows_are_allowed(tokenizer):
+    compat = check_kd_compatibility(tokenizer, tokenizer, student_rows=len(tokenizer), teacher_rows=len(tokenizer) + 64)
+    assert compat.vocab == len(tokenizer) and "padded rows" in compat.notes[0]
+    with pytest.raises(KDIncompatible, match="fewer rows"):
+        check_kd_compatibility(tokenizer, tokenizer, student_rows=len(tokenizer) - 1, teacher_rows=len(tokenizer))
+
+
+def test_nan_loss_stops_with_step_and_term(ws, tmp_path, tokenizer):
+    root, teacher_dir, student_dir, data = ws
+    bad = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        bad.lm_head.weight[0, 0] = float("nan")
+    bad_dir = save_tiny(bad, tokenizer, tmp_path / "nan-teacher")
+    result = runner.invoke(app, ["distill", "--student", str(student_dir), "--teacher", str(bad_dir),
+                                 "--responses", f"t={data}", "--out", str(tmp_path / "nan"),
+                                 "--set", "train.max_steps=2", "--set", "train.batch_size=2"])
+    assert result.exit_code == 2
+    assert "non-finite kd loss at step 1" in " ".join(result.output.split())
+
+
+def test_sequence_level_kd_needs_no_teacher(ws, tmp_path):
+    from teacherfit.pipelines.distill import run_distill
+
+    root, _, student, data = ws
+    cfg = load_config(DistillConfig, None, [f"student={student}", f"data.responses=[{{name: t, path: {data}}}]",
+                                            "kd.lambda=0", "train.max_steps=2", "train.batch_size=2",
+                                            f"out={tmp_path / 'sft'}"])
+    summary = run_distill(cfg)
+    assert summary["final"]["kd"] == 0 and summary["final"]["ce"] > 0 and summary["teacher"] is None
+
+
+def test_lora_student_trains_and_saves_merged(ws, tmp_path):
+    from teacherfit.pipelines.distill import run_distill
+
+    summary = run_distill(_cfg(ws, tmp_path / "lora", "lora={r: 4, alpha: 8}", "train.max_steps=2"))
+    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def _start(cfg_path):
+    return subprocess.Popen([sys.executable, "-m", "teacherfit", "distill", "-c", str(cfg_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_killed_run_resumes_with_the_same_loss_curve(ws, tmp_path):
+    root, teacher, student, data = ws
+
+    def write(out, steps=12):
+        cfg = {"student": str(student), "teacher": str(teacher),
+               "data": {"responses": [{"name": "t", "path": str(data)}]},
+               "kd": {"lambda": 0.8}, "models": {"device": "cpu"},
+               "train": {"batch_size": 2, "grad_accum": 1, "max_steps": steps, "warmup_steps": 2, "lr": 1e-3,
+                         "checkpoint_every": 3, "keep_checkpoints": 2},
+               "out": str(out)}
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    ref = tmp_path / "ref"
+    assert _start(write(ref)).wait(timeout=600) == 0
+    killed = tmp_path / "killed"
+    cfg = write(killed)
+    proc = _start(cfg)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-0000006" / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    proc = _start(cfg)
+    output = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, output
+    assert "resuming from step-" in output
+    a = [json.loads(l) for l in (ref / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (killed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 13))  # no duplicates, no gaps
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "attn", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
