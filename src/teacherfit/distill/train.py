@@ -259,8 +259,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     return final
 
 
-def _read_log(path: Path, before_step: int) -> list[dict]:
-    """Log rows of steps already done (a resumed run rewrites the rows after its checkpoint)."""
+def _read_log(path: Path, done_steps: int) -> list[dict]:
+    """Log rows of the steps the checkpoint holds (a resumed run rewrites the rows after it)."""
     if not path.exists():
         return []
     rows = []
@@ -269,7 +269,7 @@ def _read_log(path: Path, before_step: int) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:  # a torn last line from a killed run
             continue
-        if row["step"] < before_step:
+        if row["step"] <= done_steps:
             rows.append(row)
     return rows
 
