@@ -384,7 +384,11 @@ def train(
                         # DDP averages gradients over processes; the terms are already global means
                         accelerator.backward(loss * world)
                     for name, value in terms.items():
-                        totals[name] += float(value.detach()) * world
+                        totals[name] += float(value.detach())
+                # each process holds its share of the step's global means: add them up for the log
+                summed = accelerator.reduce(torch.tensor([totals["ce"], totals["kd"], totals["attn"]],
+                                                         dtype=torch.float64, device=accelerator.device), "sum")
+                totals = dict(zip(("ce", "kd", "attn"), summed.tolist()))
                 grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
