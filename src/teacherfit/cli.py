@@ -61,6 +61,11 @@ def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
     return out
 
 
+def _training_data(responses: list[str]) -> dict | None:
+    """--responses NAME=PATH flags as the `data` section of a training config."""
+    return {"responses": [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")]} if responses else None
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -132,7 +137,7 @@ def distill(
     """Distill a teacher into a student: L = (1-lambda) CE + lambda (w_pred L_pred + w_attn L_attn); checkpointed."""
     from teacherfit.pipelines.distill import run_distill
 
-    data = {"responses": [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")]} if responses else None
+    data = _training_data(responses)
     _run(lambda cfg: run_distill(cfg, resume=resume), DistillConfig, config, overrides, student=student,
          teacher=teacher, teacher_cache=teacher_cache, data=data, out=out)
 
@@ -148,7 +153,7 @@ def cache_teacher(
     """Write the teacher's top-k log-probabilities for every response token (sharded, resumable)."""
     from teacherfit.pipelines.cache_teacher import run_cache_teacher
 
-    data = {"responses": [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")]} if responses else None
+    data = _training_data(responses)
     _run(run_cache_teacher, CacheTeacherConfig, config, overrides, teacher=teacher, data=data, out=out)
 
 

@@ -18,7 +18,7 @@ from teacherfit.config import DistillConfig, StudentInit, prepare_run_dir
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, decoder_of, layers_of, train
-from teacherfit.models import load_model, load_tokenizer, pick_device
+from teacherfit.models import load_model, load_tokenizer
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import console
 
@@ -151,6 +151,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
         "teacher": teacher_loaded.provenance if teacher_loaded else (cache.meta.get("teacher") if cache else None),
         "layer_map": {str(k): v for k, v in (layer_map or {}).items()},
         "notes": notes,
+        "first": result.log[0] if result.log else None,
         "final": result.log[-1] if result.log else None,
     }
     atomic_write_json(run_dir / "summary.json", summary)

@@ -1,9 +1,11 @@
 """`teacherfit quickstart`: the embedded default, small, offline, on CPU, with packaged models.
 
-Ranks four real teachers (ChatGPT's own ShareGPT answers, SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B and
--1.5B-Instruct) for the Gemma-3-270M base model on 20 real ShareGPT prompts, with a real local judge as
-reward. The response sets ship with the package, with full provenance; ``assets/quickstart/generate.yaml``
-regenerates them with ``teacherfit generate``.
+1. rank: four real teachers (ChatGPT's own ShareGPT answers, SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B and
+   -1.5B-Instruct) for the Gemma-3-270M base model on 20 real ShareGPT prompts, with a real local judge as
+   reward. The response sets ship with the package, with full provenance; ``assets/quickstart/generate.yaml``
+   regenerates them with ``teacherfit generate``.
+2. distill: SmolLM2-135M-Instruct into a half-depth student built from its own layers, with logit and
+   attention KD, a few minutes on CPU; loss curves in the distill report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from teacherfit.config import QuickstartConfig, prepare_run_dir
+from teacherfit.pipelines.distill import run_distill
 from teacherfit.pipelines.rank import run_rank
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import Stopwatch, console
@@ -26,11 +29,18 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     clock = Stopwatch()
     rank_cfg = cfg.rank.model_copy(update={"out": run_dir / "rank"})
     rank = run_rank(rank_cfg)
-    summary = {
+    summary: dict[str, Any] = {
         "seconds": {"rank": round(clock.seconds, 1)},
         "ranking_by_car": [t["teacher"] for t in rank.teachers],
         "report": str(rank.run_dir / "report.html"),
     }
+    if cfg.distill is not None:
+        lap = Stopwatch()
+        distilled = run_distill(cfg.distill.model_copy(update={"out": run_dir / "distill"}))
+        summary["seconds"]["distill"] = round(lap.seconds, 1)
+        summary["distill"] = {"model": distilled["model_dir"], "first": distilled.get("first"),
+                              "final": distilled["final"], "report": str(run_dir / "distill" / "report.html")}
     atomic_write_json(run_dir / "summary.json", summary)
-    console.print(f"[bold green]quickstart done[/] in {clock.seconds:.0f} s; report: {summary['report']}")
+    console.print(f"[bold green]quickstart done[/] in {clock.seconds:.0f} s; reports: {summary['report']}"
+                  + (f", {summary['distill']['report']}" if "distill" in summary else ""))
     return summary

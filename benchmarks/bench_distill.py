@@ -1,0 +1,653 @@
+"""Logit distillation: teacherfit's KD step against TRL's GKD trainer and against naive full-logit KD.
+
+Teacher: a packaged model (default SmolLM2-135M-Instruct, vocab 49152); student: a half-depth copy of it
+(``shrink_layers`` with ``every_other``: 15 of 30 layers, same tokenizer). fp32 on CPU, no bf16, no gradient
+checkpointing anywhere. Data: the quickstart's SmolLM2 responses tokenized with the chat template by
+``tokenize_records`` (response-only labels).
+
+1. **teacherfit vs TRL GKD**, off-policy (``lmbda=0``), forward KL (``beta=0``), temperature 1, no generation:
+   ``--warmup`` + ``--steps`` optimizer steps with each on identical batches (``--batch`` x ``--seq-len``,
+   truncated and right-padded to that length). teacherfit runs the body of ``distill.train.train``
+   (``OnlineTeacher`` + ``DistillModule`` with kd.lambda=1, kd.w_attn=0, loss = sums / response tokens,
+   backward, clip 1.0, AdamW); TRL runs ``GKDTrainer.train()`` with bf16 and gradient checkpointing off.
+   Tokens/s counts real (non-pad) tokens over the measured steps. Targets: >= 1.3x TRL tokens/s, <= 0.6x TRL
+   peak-memory increment.
+2. **teacherfit vs naive full-logit KD**: the memory of one forward + backward of the KD loss. Naive =
+   ``student(...).logits`` and ``teacher(...).logits`` (full [B, T, V] fp32) + ``losses.forward_kl``;
+   teacherfit = ``DistillModule`` (``chunked_head_losses``). Over sequence lengths at the real vocabulary
+   (examples packed end to end to fill each row), and over vocabulary sizes with a synthetic random LM head
+   on the student's hidden size (random hidden states; every position a loss position).
+3. **Utilisation**: useful FLOP/s of the measured teacherfit step (counted analytically, see ``step_flops``)
+   against this machine's fp32 matmul peak, measured here (2048 x 2048 ``torch.matmul``).
+
+Every measurement with a memory figure runs in its own subprocess (the script re-invokes itself with
+``--only``); peak memory is the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after
+the models are loaded) and the increment is that peak minus the RSS right after loading.
+
+    python benchmarks/bench_distill.py                          # everything, ~10 minutes on 2 cores
+    python benchmarks/bench_distill.py --parts 1 3 --steps 3    # only the TRL comparison and utilisation
+    python benchmarks/bench_distill.py --kd-seq-lens 256 512 1024 2048 --vocabs 49152 262144
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from common import load_line, machine_line, print_table
+
+RESULT_PREFIX = "RESULT "
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+SPEED_TARGET, MEMORY_TARGET = 1.3, 0.6
+
+
+def default_data() -> Path:
+    from teacherfit.pipelines.quickstart import ASSETS
+
+    return ASSETS / "responses" / "smollm2-135m-instruct.jsonl"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                    help="which comparisons to run (default: all)")
+    ap.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model (default: %(default)s)")
+    ap.add_argument("--student-layers", default="every_other",
+                    help="student = these layers of the teacher (StudentInit.layers; default: %(default)s)")
+    ap.add_argument("--data", type=Path, default=None, help="response set JSONL (default: quickstart SmolLM2 responses)")
+    ap.add_argument("--batch", type=int, default=4, help="part 1 batch size (default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, default=256, help="part 1 tokens per row (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=6, help="part 1 measured optimizer steps (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=1, help="part 1 unmeasured first steps (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="learning rate, both trainers (default: %(default)s)")
+    ap.add_argument("--head-chunk", type=int, default=None,
+                    help="teacherfit kd.head_chunk (default: KDConfig's default)")
+    ap.add_argument("--kd-batch", type=int, default=2, help="part 2 batch size, real models (default: %(default)s)")
+    ap.add_argument("--kd-seq-lens", type=int, nargs="+", default=[256, 512, 1024],
+                    help="part 2 sequence lengths at the real vocabulary (default: %(default)s)")
+    ap.add_argument("--head-batch", type=int, default=1, help="part 2 synthetic head: batch (default: %(default)s)")
+    ap.add_argument("--head-seq-len", type=int, default=2048,
+                    help="part 2 synthetic head: tokens per row (default: %(default)s)")
+    ap.add_argument("--vocabs", type=int, nargs="+", default=[49152, 131072, 262144],
+                    help="part 2 synthetic head vocabulary sizes (default: %(default)s)")
+    ap.add_argument("--peak-size", type=int, default=2048, help="matmul size for the fp32 peak (default: %(default)s)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per subprocess (default: %(default)s)")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown as well")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    # internal: one measurement in a fresh process
+    ap.add_argument("--only", default=None,
+                    choices=["trl", "teacherfit", "kd-naive", "kd-teacherfit", "head-naive", "head-teacherfit"],
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--cell", default="{}", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------- peak memory (child processes)
+
+
+def _status_mib(field: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) / 1024
+
+
+class PeakRSS:
+    """Peak resident memory of this process from a reset point: VmHWM after clear_refs, else sampling."""
+
+    def __init__(self):
+        self.load_peak = _status_mib("VmHWM")
+        self._stop = threading.Event()
+        self._sampled = 0.0
+        self.exact = True
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.exact = False
+        self.base = _status_mib("VmRSS")
+        self._sampled = self.base
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self._sampled = max(self._sampled, _status_mib("VmRSS"))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = _status_mib("VmHWM") if self.exact else self._sampled
+        self.peak = max(self.peak, self._sampled)
+
+    def result(self) -> dict:
+        return {"load_peak_mib": round(self.load_peak), "base_mib": round(self.base), "peak_mib": round(self.peak),
+                "increment_mib": round(self.peak - self.base), "peak_exact": self.exact}
+
+
+# ---------------------------------------------------------------- models and data (child processes)
+
+
+def load_pair(args):
+    """(teacher, student, tokenizer): the frozen teacher and its half-depth trainable copy, fp32 on CPU."""
+    from teacherfit.config import StudentInit
+    from teacherfit.models import load_model
+    from teacherfit.pipelines.distill import shrink_layers
+
+    teacher = load_model(args.teacher, device="cpu", dtype="float32")
+    student = load_model(args.teacher, device="cpu", dtype="float32").model
+    student = shrink_layers(student, StudentInit(layers=args.student_layers))
+    student.train()
+    student.config.use_cache = False
+    teacher.model.config.use_cache = False
+    for model in (teacher.model, student):  # weights into private memory, resident before the baseline is read
+        resident(model)
+    return teacher.model, student, teacher.tokenizer
+
+
+def resident(model) -> None:
+    """Copy every weight out of the (lazily paged-in, memory-mapped) checkpoint into ordinary memory.
+
+    Otherwise the first forward pass and the first optimizer step (copy-on-write) would page weights in
+    after the baseline RSS was read, and count the model itself as training memory.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
+
+
+def read_examples(args, tokenizer, max_length: int):
+    from teacherfit.config import ResponseSetConfig, TrainData
+    from teacherfit.distill.examples import tokenize_records, training_records
+
+    data = TrainData(responses=[ResponseSetConfig(name="bench", path=args.data or default_data())])
+    examples, _ = tokenize_records(training_records(data), tokenizer, max_length)
+    return examples
+
+
+def fixed_batches(args, tokenizer, n_batches: int):
+    """Part 1: examples in file order (cycled), truncated and right-padded to exactly --seq-len."""
+    from teacherfit.distill.train import Micro
+
+    examples = read_examples(args, tokenizer, args.seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for b in range(n_batches):
+        rows = [examples[(b * args.batch + j) % len(examples)] for j in range(args.batch)]
+        ids = torch.full((args.batch, args.seq_len), pad, dtype=torch.long)
+        mask = torch.zeros((args.batch, args.seq_len), dtype=torch.long)
+        labels = torch.full((args.batch, args.seq_len), -100, dtype=torch.long)
+        for r, ex in enumerate(rows):
+            n = len(ex.tokens.input_ids)
+            ids[r, :n] = torch.tensor(ex.tokens.input_ids)
+            mask[r, :n] = 1
+            labels[r, :n] = torch.tensor(ex.tokens.labels)
+        batches.append(Micro([ex.key for ex in rows], ids, mask, labels))
+    return batches
+
+
+def packed_batch(args, tokenizer, batch: int, seq_len: int):
+    """Part 2: whole examples packed end to end (prompt labels -100) to fill batch x seq_len, no padding."""
+    from teacherfit.distill.train import Micro
+
+    examples = read_examples(args, tokenizer, 100_000)
+    ids, labels, k = [], [], 0
+    while len(ids) < batch * seq_len:
+        ex = examples[k % len(examples)]
+        ids += list(ex.tokens.input_ids)
+        labels += list(ex.tokens.labels)
+        k += 1
+    ids = torch.tensor(ids[: batch * seq_len]).view(batch, seq_len)
+    labels = torch.tensor(labels[: batch * seq_len]).view(batch, seq_len)
+    return Micro([str(i) for i in range(batch)], ids, torch.ones_like(ids), labels)
+
+
+def kd_module(args, student):
+    from teacherfit.config import KDConfig
+    from teacherfit.distill.train import DistillModule
+
+    kd = KDConfig(**{"lambda": 1.0, "w_attn": 0.0, "w_pred": 1.0, "divergence": "forward_kl", "temperature": 1.0,
+                     **({"head_chunk": args.head_chunk} if args.head_chunk else {})})
+    return DistillModule(student, kd, vocab=None, layer_map=None, capture=None), kd
+
+
+def teacherfit_loss(module, kd, teacher, micro):
+    """The loss of one micro-batch exactly as distill.train.train builds it (sums / the step's loss tokens)."""
+    n = micro.loss_tokens
+    signal = teacher(micro)
+    sums = module(micro.input_ids, micro.attention_mask, micro.labels, **signal)
+    ce, kl = sums["ce_sum"] / n, sums["kd_sum"] / n
+    return (1 - kd.lambda_) * ce + kd.lambda_ * kd.w_pred * kl, kl
+
+
+def model_shapes(teacher, student) -> dict:
+    from teacherfit.distill.train import decoder_of
+
+    def nonembedding(model) -> int:
+        dec = decoder_of(model)
+        return sum(p.numel() for p in dec.layers.parameters()) + sum(p.numel() for p in dec.norm.parameters())
+
+    cfg = teacher.config
+    return {"teacher_nonemb": nonembedding(teacher), "student_nonemb": nonembedding(student),
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "teacher_layers": len(decoder_of(teacher).layers), "student_layers": len(decoder_of(student).layers),
+            "hidden": cfg.hidden_size, "vocab": student.get_output_embeddings().weight.shape[0],
+            "attn_width": cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)}
+
+
+def batch_counts(micros) -> dict:
+    return {"real_tokens": [int(m.attention_mask.sum()) for m in micros],
+            "loss_tokens": [m.loss_tokens for m in micros],
+            "positions": [m.input_ids.numel() for m in micros]}
+
+
+# ---------------------------------------------------------------- children
+
+
+def child_teacherfit(args) -> dict:
+    from teacherfit.distill.train import OnlineTeacher
+
+    teacher_model, student, tok = load_pair(args)
+    micros = fixed_batches(args, tok, args.warmup + args.steps)
+    cpu = torch.device("cpu")
+    with PeakRSS() as mem:
+        module, kd = kd_module(args, student)
+        params = [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
+        ends, losses = [time.perf_counter()], []
+        for micro in micros:
+            loss, kl = teacherfit_loss(module, kd, teacher, micro)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(kl.detach()))
+            ends.append(time.perf_counter())
+    return {"step_s": [b - a for a, b in zip(ends, ends[1:])], "kd_loss": losses, **batch_counts(micros),
+            **mem.result(), "shapes": model_shapes(teacher_model, student), "head_chunk": kd.head_chunk,
+            "optimizer": "torch.optim.AdamW (defaults, weight_decay 0)"}
+
+
+def child_trl(args) -> dict:
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:  # older TRL
+        from trl import GKDConfig, GKDTrainer
+
+    datasets.disable_progress_bars()
+    teacher_model, student, tok = load_pair(args)
+    micros = fixed_batches(args, tok, args.warmup + args.steps)
+    shapes = model_shapes(teacher_model, student)
+    rows = [{k: getattr(m, k)[r].tolist() for k in ("input_ids", "attention_mask", "labels")}
+            for m in micros for r in range(args.batch)]
+    dataset = datasets.Dataset.from_list(rows)
+
+    def collator(features):
+        return {k: torch.tensor([f[k] for f in features]) for k in ("input_ids", "attention_mask", "labels")}
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends, self.losses = [], []
+
+        def on_train_begin(self, *a, **k):
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
+        config = GKDConfig(
+            output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+            lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=args.seq_len,
+            bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+            learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+            train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1,
+            save_strategy="no", report_to="none", disable_tqdm=True,
+        )
+        trainer = GKDTrainer(model=student, teacher_model=teacher_model, args=config, train_dataset=dataset,
+                             data_collator=collator, processing_class=tok, callbacks=[clock])
+        trainer.train()
+    return {"step_s": [b - a for a, b in zip(clock.ends, clock.ends[1:])], "kd_loss": clock.losses,
+            **batch_counts(micros), **mem.result(), "shapes": shapes, "trl_version": trl.__version__,
+            "optimizer": str(config.optim), "trainer": f"{GKDTrainer.__module__}.GKDTrainer"}
+
+
+def child_kd(args, naive: bool) -> dict:
+    from teacherfit.distill.losses import forward_kl
+    from teacherfit.distill.train import OnlineTeacher
+
+    cell = json.loads(args.cell)
+    teacher_model, student, tok = load_pair(args)
+    micro = packed_batch(args, tok, args.kd_batch, cell["seq"])
+    cpu = torch.device("cpu")
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        if naive:
+            s_logits = student(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+            with torch.no_grad():
+                t_logits = teacher_model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+            loss = forward_kl(s_logits[:, :-1], t_logits[:, :-1], micro.labels[:, 1:])
+            kl = loss
+        else:
+            module, kd = kd_module(args, student)
+            teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
+            loss, kl = teacherfit_loss(module, kd, teacher, micro)
+        loss.backward()
+    return {"seconds": time.perf_counter() - start, "kd_loss": float(kl.detach()), **mem.result(),
+            "tokens": micro.input_ids.numel(), "loss_tokens": micro.loss_tokens}
+
+
+def child_head(args, naive: bool) -> dict:
+    from teacherfit.config import KDConfig
+    from teacherfit.distill.losses import chunked_head_losses, forward_kl
+
+    cell = json.loads(args.cell)
+    vocab, d = cell["vocab"], cell["hidden"]
+    b, t = args.head_batch, args.head_seq_len
+    torch.manual_seed(0)
+    student_head = torch.nn.Linear(d, vocab, bias=False)
+    teacher_head = torch.nn.Linear(d, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(b, t, d, requires_grad=True)
+    teacher_hidden = torch.randn(b, t, d)
+    labels = torch.randint(0, vocab, (b, t))
+    chunk = args.head_chunk or KDConfig().head_chunk
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        if naive:
+            s_logits = student_head(hidden)
+            with torch.no_grad():
+                t_logits = teacher_head(teacher_hidden)
+            loss = forward_kl(s_logits, t_logits, labels)
+        else:
+            # as DistillModule calls it (CE included); loss = kd_sum / n
+            sums = chunked_head_losses(hidden, student_head, labels, teacher_hidden=teacher_hidden,
+                                       teacher_head=teacher_head, chunk_size=chunk)
+            loss = sums["kd_sum"] / sums["n_tokens"]
+        loss.backward()
+    return {"seconds": time.perf_counter() - start, "kd_loss": float(loss.detach()), **mem.result(),
+            "tokens": b * t, "head_chunk": chunk}
+
+
+def run_child(args) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    fn = {"teacherfit": child_teacherfit, "trl": child_trl,
+          "kd-naive": lambda a: child_kd(a, True), "kd-teacherfit": lambda a: child_kd(a, False),
+          "head-naive": lambda a: child_head(a, True), "head-teacherfit": lambda a: child_head(a, False)}[args.only]
+    result = fn(args)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- parent
+
+
+def spawn(args, only: str, cell: dict | None = None) -> dict:
+    """Run one measurement in a fresh process; {"error": ...} if it failed."""
+    forward = ["--teacher", args.teacher, "--student-layers", args.student_layers, "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--lr", str(args.lr), "--kd-batch", str(args.kd_batch), "--head-batch", str(args.head_batch),
+               "--head-seq-len", str(args.head_seq_len)]
+    if args.data:
+        forward += ["--data", str(args.data)]
+    if args.head_chunk:
+        forward += ["--head-chunk", str(args.head_chunk)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", only, "--cell", json.dumps(cell or {}), *forward]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"error": f"exit {proc.returncode}: " + "\n".join(tail)}
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def matmul_peak(n: int, reps: int = 10, rounds: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n x n torch.matmul on this machine (all torch threads)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(3):
+        torch.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(shapes: dict, batch: int, seq_len: int, loss_tokens: float) -> dict:
+    """Useful FLOPs of one KD step (no recomputation), and the extra the chunked head recomputes.
+
+    Matmuls only (norms, activations and softmaxes are ignored): 2 FLOPs per multiply-add.
+    - student decoder: 6 * non-embedding params per position (forward 2, backward 4), all B x T positions;
+    - teacher decoder: 2 * non-embedding params per position (forward only);
+    - attention scores (QK^T and AV), causal: 2 * 2 * width * (t + 1) at position t, i.e. on average
+      2 * width * (T + 1) per position per layer; x3 for the student (backward), x1 for the teacher;
+    - LM heads on loss tokens only (what teacherfit evaluates): student 6 * d * V (forward + backward),
+      teacher 2 * d * V. The checkpointed chunks recompute both heads' forwards in backward:
+      4 * d * V per loss token more, reported separately as ``recompute``.
+    """
+    positions = batch * seq_len
+    attn_per_pos_layer = 2 * shapes["attn_width"] * (seq_len + 1)
+    dv = shapes["hidden"] * shapes["vocab"]
+    parts = {
+        "student_decoder": 6 * shapes["student_nonemb"] * positions,
+        "teacher_decoder": 2 * shapes["teacher_nonemb"] * positions,
+        "attention_scores": positions * attn_per_pos_layer * (3 * shapes["student_layers"] + shapes["teacher_layers"]),
+        "heads": 8 * dv * loss_tokens,
+    }
+    parts["useful"] = sum(parts.values())
+    parts["recompute"] = 4 * dv * loss_tokens
+    return parts
+
+
+def fmt_mib(mib: float) -> str:
+    return f"{mib / 1024:,.2f} GiB" if abs(mib) >= 1024 else f"{mib:,.0f} MiB"
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:,.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def show(rows, columns, args, title):
+    print(f"\n{title}")
+    print_table(rows, columns)
+    if args.markdown:
+        print()
+        print(markdown_table(rows, columns))
+
+
+def part1(args, out: dict) -> dict | None:
+    print(f"\n[1] teacherfit vs TRL GKD: batch {args.batch} x {args.seq_len}, {args.warmup} warm-up + {args.steps} "
+          f"measured steps, off-policy (lmbda=0), forward KL (beta=0), tau=1 ({load_line()})")
+    res = {"teacherfit": spawn(args, "teacherfit"), "trl": spawn(args, "trl")}
+    out["part1"] = res
+    rows = []
+    for name, r in res.items():
+        if "error" in r:
+            print(f"  {name} FAILED: {r['error']}")
+            continue
+        w = args.warmup
+        secs = sum(r["step_s"][w:])
+        real, loss_tok = sum(r["real_tokens"][w:]), sum(r["loss_tokens"][w:])
+        best = max(n / s for n, s in zip(r["real_tokens"][w:], r["step_s"][w:]))
+        r.update(tok_s=real / secs, loss_tok_s=loss_tok / secs, s_per_step=secs / len(r["step_s"][w:]),
+                 best_tok_s=best)
+        rows.append({"trainer": name, "s/step": f"{r['s_per_step']:.2f}", "real tok/s": r["tok_s"],
+                     "best step tok/s": best,
+                     "response tok/s": r["loss_tok_s"], "peak RSS": fmt_mib(r["peak_mib"]),
+                     "after load": fmt_mib(r["base_mib"]), "increment": fmt_mib(r["increment_mib"]),
+                     "KD loss step 1": f"{r['kd_loss'][0]:.5f}" if r["kd_loss"] else "",
+                     "KD loss last": f"{r['kd_loss'][-1]:.5f}" if r["kd_loss"] else ""})
+    show(rows, ["trainer", "s/step", "real tok/s", "best step tok/s", "response tok/s", "peak RSS", "after load", "increment",
+                "KD loss step 1", "KD loss last"], args, "")
+    tf, trl = res["teacherfit"], res["trl"]
+    if "error" not in tf and "error" not in trl:
+        speed = tf["tok_s"] / trl["tok_s"]
+        memory = tf["increment_mib"] / trl["increment_mib"]
+        best = tf["best_tok_s"] / trl["best_tok_s"]
+        out["part1_ratios"] = {"speed": speed, "speed_best_step": best, "memory_increment": memory,
+                               "memory_absolute": tf["peak_mib"] / trl["peak_mib"]}
+        print(f"teacherfit / TRL: speed {speed:.2f}x, fastest steps {best:.2f}x (target >= {SPEED_TARGET}x: "
+              f"{'met' if speed >= SPEED_TARGET else 'MISSED'}); peak-memory increment {memory:.2f}x (target <= "
+              f"{MEMORY_TARGET}x: {'met' if memory <= MEMORY_TARGET else 'MISSED'}); absolute peak "
+              f"{tf['peak_mib'] / trl['peak_mib']:.2f}x")
+        print(f"TRL {trl.get('trl_version')} ({trl.get('trainer')}, optimizer {trl.get('optimizer')}); teacherfit "
+              f"head_chunk {tf.get('head_chunk')}, optimizer {tf.get('optimizer')}")
+    return tf if "error" not in tf else None
+
+
+def part2(args, out: dict) -> None:
+    print(f"\n[2] peak memory of one KD forward + backward, naive full logits vs teacherfit ({load_line()})")
+    rows, cells = [], []
+    for seq in args.kd_seq_lens:
+        naive, tf = spawn(args, "kd-naive", {"seq": seq}), spawn(args, "kd-teacherfit", {"seq": seq})
+        cells.append({"seq": seq, "naive": naive, "teacherfit": tf})
+        rows.append(_kd_row(f"{args.kd_batch} x {seq}", naive, tf, extra={"V": "49,152 (real)"}))
+    out["part2_seq"] = cells
+    show(rows, ["B x T", "V", "loss tokens", "naive incr.", "teacherfit incr.", "ratio", "naive s", "teacherfit s",
+                "KD loss naive / tf"], args,
+         f"real models ({args.teacher} -> {args.student_layers} layers), packed examples, increment over the "
+         "loaded models:")
+    rows, cells = [], []
+    hidden = None
+    if hidden is None:
+        from transformers import AutoConfig
+
+        from teacherfit.models import resolve_model
+
+        cfg = AutoConfig.from_pretrained(resolve_model(args.teacher).location)
+        hidden = cfg.hidden_size
+    for vocab in args.vocabs:
+        cell = {"vocab": vocab, "hidden": hidden}
+        naive, tf = spawn(args, "head-naive", cell), spawn(args, "head-teacherfit", cell)
+        cells.append({"vocab": vocab, "naive": naive, "teacherfit": tf})
+        rows.append(_kd_row(f"{args.head_batch} x {args.head_seq_len}", naive, tf, extra={"V": f"{vocab:,}"}))
+    out["part2_vocab"] = cells
+    show(rows, ["B x T", "V", "loss tokens", "naive incr.", "teacherfit incr.", "ratio", "naive s", "teacherfit s",
+                "KD loss naive / tf"], args,
+         f"synthetic LM head (d = {hidden}, random weights and hidden states, every position a loss token), "
+         "increment over the heads:")
+
+
+def _kd_row(label, naive, tf, extra) -> dict:
+    row = {"B x T": label, **extra}
+    if "error" in naive or "error" in tf:
+        row["ratio"] = "failed: " + (naive.get("error") or tf.get("error")).splitlines()[-1][:80]
+        return row
+    row.update({"loss tokens": naive.get("loss_tokens", naive.get("tokens")),
+                "naive incr.": fmt_mib(naive["increment_mib"]), "teacherfit incr.": fmt_mib(tf["increment_mib"]),
+                "ratio": f"{tf['increment_mib'] / naive['increment_mib']:.2f}x",
+                "naive s": f"{naive['seconds']:.1f}", "teacherfit s": f"{tf['seconds']:.1f}",
+                "KD loss naive / tf": f"{naive['kd_loss']:.4f} / {tf['kd_loss']:.4f}"})
+    return row
+
+
+def part3(args, out: dict, tf: dict | None, peak: float) -> None:
+    print(f"\n[3] utilisation of the teacherfit KD step ({load_line()})")
+    if tf is None:
+        tf = spawn(args, "teacherfit")
+        if "error" in tf:
+            print(f"  teacherfit FAILED: {tf['error']}")
+            return
+    w = args.warmup
+    secs = sum(tf["step_s"][w:]) / len(tf["step_s"][w:])
+    loss_tokens = sum(tf["loss_tokens"][w:]) / len(tf["loss_tokens"][w:])
+    flops = step_flops(tf["shapes"], args.batch, args.seq_len, loss_tokens)
+    achieved = flops["useful"] / secs / 1e9
+    with_recompute = (flops["useful"] + flops["recompute"]) / secs / 1e9
+    out["part3"] = {"flops_per_step": flops, "s_per_step": secs, "achieved_gflops": achieved,
+                    "achieved_gflops_with_recompute": with_recompute, "peak_gflops": peak,
+                    "utilisation": achieved / peak}
+    rows = [{"term": k.replace("_", " "), "GFLOP/step": v / 1e9} for k, v in flops.items()]
+    show(rows, ["term", "GFLOP/step"], args,
+         f"analytic FLOPs per step (B {args.batch} x T {args.seq_len}, {loss_tokens:.0f} loss tokens/step, "
+         f"student {tf['shapes']['student_nonemb'] / 1e6:.1f}M / teacher {tf['shapes']['teacher_nonemb'] / 1e6:.1f}M "
+         "non-embedding params; see step_flops):")
+    rows = [{"measure": "teacherfit step", "s/step": f"{secs:.2f}", "GFLOP/s": achieved,
+             "of fp32 matmul peak": f"{achieved / peak:.1%}"},
+            {"measure": "  incl. head recompute", "s/step": f"{secs:.2f}", "GFLOP/s": with_recompute,
+             "of fp32 matmul peak": f"{with_recompute / peak:.1%}"},
+            {"measure": f"torch.matmul {args.peak_size}^2 fp32", "s/step": "", "GFLOP/s": peak,
+             "of fp32 matmul peak": "100.0%"}]
+    trl = out.get("part1", {}).get("trl")
+    if trl and "error" not in trl:
+        t_secs = sum(trl["step_s"][w:]) / len(trl["step_s"][w:])
+        rows.insert(2, {"measure": "TRL GKD step (same useful FLOPs)", "s/step": f"{t_secs:.2f}",
+                        "GFLOP/s": flops["useful"] / t_secs / 1e9,
+                        "of fp32 matmul peak": f"{flops['useful'] / t_secs / 1e9 / peak:.1%}"})
+    show(rows, ["measure", "s/step", "GFLOP/s", "of fp32 matmul peak"], args, "achieved:")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.only:
+        run_child(args)
+        return
+    out: dict = {"machine": machine_line(), "args": {k: str(v) for k, v in vars(args).items()}}
+    print(f"teacher {args.teacher}, student = its {args.student_layers} layers; fp32, CPU, no bf16, no gradient "
+          f"checkpointing; data {(args.data or default_data()).name}")
+    print(f"machine: {machine_line()}")
+    out["load_before"] = load_line()
+    print(f"before: {out['load_before']}")
+    started = time.perf_counter()
+    peak = matmul_peak(args.peak_size)
+    out["matmul_peak_gflops"] = peak
+    print(f"fp32 matmul peak ({args.peak_size}^2, torch.matmul, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
+    tf = part1(args, out) if 1 in args.parts else None
+    if 2 in args.parts:
+        part2(args, out)
+    if 3 in args.parts:
+        part3(args, out, tf, peak)
+    out["load_after"] = load_line()
+    out["seconds"] = time.perf_counter() - started
+    print(f"\nafter: {out['load_after']}; total {out['seconds']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
