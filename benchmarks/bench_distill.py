@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import re
@@ -44,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import load_line, machine_line, print_table
 
 RESULT_PREFIX = "RESULT "
@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate, both trainers (default: %(default)s)")
     ap.add_argument("--head-chunk", type=int, default=None,
                     help="teacherfit kd.head_chunk (default: KDConfig's default)")
+    ap.add_argument("--extra-head-chunks", type=int, nargs="*", default=[],
+                    help="part 1: also run teacherfit with these kd.head_chunk values (default: none)")
     ap.add_argument("--kd-batch", type=int, default=2, help="part 2 batch size, real models (default: %(default)s)")
     ap.add_argument("--kd-seq-lens", type=int, nargs="+", default=[256, 512, 1024],
                     help="part 2 sequence lengths at the real vocabulary (default: %(default)s)")
@@ -82,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vocabs", type=int, nargs="+", default=[49152, 131072, 262144],
                     help="part 2 synthetic head vocabulary sizes (default: %(default)s)")
     ap.add_argument("--peak-size", type=int, default=2048, help="matmul size for the fp32 peak (default: %(default)s)")
+    ap.add_argument("--memory-margin", type=float, default=3.0,
+                    help="part 2: skip a cell whose extrapolated peak would leave less than this many GiB of "
+                         "MemAvailable (default: %(default)s)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per subprocess (default: %(default)s)")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown as well")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -98,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _status_mib(field: str) -> float:
     text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) / 1024
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
 
 
 class PeakRSS:
@@ -175,7 +180,9 @@ def read_examples(args, tokenizer, max_length: int):
     from teacherfit.distill.examples import tokenize_records, training_records
 
     data = TrainData(responses=[ResponseSetConfig(name="bench", path=args.data or default_data())])
-    examples, _ = tokenize_records(training_records(data), tokenizer, max_length)
+    examples, stats = tokenize_records(training_records(data), tokenizer, max_length)
+    if not examples:
+        raise SystemExit(f"no example keeps a response token at max length {max_length}: {stats}")
     return examples
 
 
@@ -273,7 +280,7 @@ def child_teacherfit(args) -> dict:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
         teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
-        ends, losses = [time.perf_counter()], []
+        ends, cpu_ends, losses = [time.perf_counter()], [time.process_time()], []
         for micro in micros:
             loss, kl = teacherfit_loss(module, kd, teacher, micro)
             loss.backward()
@@ -282,7 +289,9 @@ def child_teacherfit(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(kl.detach()))
             ends.append(time.perf_counter())
-    return {"step_s": [b - a for a, b in zip(ends, ends[1:])], "kd_loss": losses, **batch_counts(micros),
+            cpu_ends.append(time.process_time())
+    return {"step_s": [b - a for a, b in itertools.pairwise(ends)],
+            "step_cpu_s": [b - a for a, b in itertools.pairwise(cpu_ends)], "kd_loss": losses, **batch_counts(micros),
             **mem.result(), "shapes": model_shapes(teacher_model, student), "head_chunk": kd.head_chunk,
             "optimizer": "torch.optim.AdamW (defaults, weight_decay 0)"}
 
@@ -310,13 +319,15 @@ def child_trl(args) -> dict:
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.ends, self.losses = [], []
+            self.ends, self.cpu_ends, self.losses = [], [], []
 
         def on_train_begin(self, *a, **k):
             self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
 
         def on_step_end(self, *a, **k):
             self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "loss" in logs:
@@ -335,7 +346,8 @@ def child_trl(args) -> dict:
         trainer = GKDTrainer(model=student, teacher_model=teacher_model, args=config, train_dataset=dataset,
                              data_collator=collator, processing_class=tok, callbacks=[clock])
         trainer.train()
-    return {"step_s": [b - a for a, b in zip(clock.ends, clock.ends[1:])], "kd_loss": clock.losses,
+    return {"step_s": [b - a for a, b in itertools.pairwise(clock.ends)],
+            "step_cpu_s": [b - a for a, b in itertools.pairwise(clock.cpu_ends)], "kd_loss": clock.losses,
             **batch_counts(micros), **mem.result(), "shapes": shapes, "trl_version": trl.__version__,
             "optimizer": str(config.optim), "trainer": f"{GKDTrainer.__module__}.GKDTrainer"}
 
@@ -411,22 +423,24 @@ def run_child(args) -> None:
 # ---------------------------------------------------------------- parent
 
 
-def spawn(args, only: str, cell: dict | None = None) -> dict:
+def spawn(args, only: str, cell: dict | None = None, head_chunk: int | None = None) -> dict:
     """Run one measurement in a fresh process; {"error": ...} if it failed."""
+    head_chunk = head_chunk or args.head_chunk
     forward = ["--teacher", args.teacher, "--student-layers", args.student_layers, "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--lr", str(args.lr), "--kd-batch", str(args.kd_batch), "--head-batch", str(args.head_batch),
                "--head-seq-len", str(args.head_seq_len)]
     if args.data:
         forward += ["--data", str(args.data)]
-    if args.head_chunk:
-        forward += ["--head-chunk", str(args.head_chunk)]
+    if head_chunk:
+        forward += ["--head-chunk", str(head_chunk)]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", only, "--cell", json.dumps(cell or {}), *forward]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env,
+                              check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
@@ -494,6 +508,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def show(rows, columns, args, title):
     print(f"\n{title}")
+    if not rows:
+        print("(no results)")
+        return
     print_table(rows, columns)
     if args.markdown:
         print()
@@ -504,6 +521,8 @@ def part1(args, out: dict) -> dict | None:
     print(f"\n[1] teacherfit vs TRL GKD: batch {args.batch} x {args.seq_len}, {args.warmup} warm-up + {args.steps} "
           f"measured steps, off-policy (lmbda=0), forward KL (beta=0), tau=1 ({load_line()})")
     res = {"teacherfit": spawn(args, "teacherfit"), "trl": spawn(args, "trl")}
+    for chunk in args.extra_head_chunks:
+        res[f"teacherfit (head_chunk {chunk})"] = spawn(args, "teacherfit", head_chunk=chunk)
     out["part1"] = res
     rows = []
     for name, r in res.items():
@@ -515,14 +534,19 @@ def part1(args, out: dict) -> dict | None:
         real, loss_tok = sum(r["real_tokens"][w:]), sum(r["loss_tokens"][w:])
         best = max(n / s for n, s in zip(r["real_tokens"][w:], r["step_s"][w:]))
         r.update(tok_s=real / secs, loss_tok_s=loss_tok / secs, s_per_step=secs / len(r["step_s"][w:]),
-                 best_tok_s=best)
-        rows.append({"trainer": name, "s/step": f"{r['s_per_step']:.2f}", "real tok/s": r["tok_s"],
+                 best_tok_s=best, cpu_s_per_step=sum(r["step_cpu_s"][w:]) / len(r["step_cpu_s"][w:]))
+        rows.append({"trainer": name, "vs TRL": "", "s/step": f"{r['s_per_step']:.2f}",
+                     "CPU s/step": f"{r['cpu_s_per_step']:.2f}", "real tok/s": r["tok_s"],
                      "best step tok/s": best,
                      "response tok/s": r["loss_tok_s"], "peak RSS": fmt_mib(r["peak_mib"]),
                      "after load": fmt_mib(r["base_mib"]), "increment": fmt_mib(r["increment_mib"]),
                      "KD loss step 1": f"{r['kd_loss'][0]:.5f}" if r["kd_loss"] else "",
                      "KD loss last": f"{r['kd_loss'][-1]:.5f}" if r["kd_loss"] else ""})
-    show(rows, ["trainer", "s/step", "real tok/s", "best step tok/s", "response tok/s", "peak RSS", "after load", "increment",
+    trl = res["trl"]
+    for row, r in zip(rows, [r for r in res.values() if "error" not in r]):
+        if "error" not in trl and r is not trl:
+            row["vs TRL"] = f"{r['tok_s'] / trl['tok_s']:.2f}x speed, {r['increment_mib'] / trl['increment_mib']:.2f}x mem"
+    show(rows, ["trainer", "vs TRL", "s/step", "CPU s/step", "real tok/s", "best step tok/s", "response tok/s", "peak RSS", "after load", "increment",
                 "KD loss step 1", "KD loss last"], args, "")
     tf, trl = res["teacherfit"], res["trl"]
     if "error" not in tf and "error" not in trl:
@@ -552,18 +576,20 @@ def part2(args, out: dict) -> None:
                 "KD loss naive / tf"], args,
          f"real models ({args.teacher} -> {args.student_layers} layers), packed examples, increment over the "
          "loaded models:")
+    from transformers import AutoConfig
+
+    from teacherfit.models import resolve_model
+
     rows, cells = [], []
-    hidden = None
-    if hidden is None:
-        from transformers import AutoConfig
-
-        from teacherfit.models import resolve_model
-
-        cfg = AutoConfig.from_pretrained(resolve_model(args.teacher).location)
-        hidden = cfg.hidden_size
-    for vocab in args.vocabs:
+    hidden = AutoConfig.from_pretrained(resolve_model(args.teacher).location).hidden_size
+    seen: dict[str, tuple[int, float]] = {}  # kind -> (vocab, increment MiB) of the last cell that ran
+    for vocab in sorted(args.vocabs):
         cell = {"vocab": vocab, "hidden": hidden}
-        naive, tf = spawn(args, "head-naive", cell), spawn(args, "head-teacherfit", cell)
+        naive = _guarded(args, "head-naive", cell, seen.get("naive"))
+        tf = _guarded(args, "head-teacherfit", cell, seen.get("teacherfit"))
+        for kind, r in (("naive", naive), ("teacherfit", tf)):
+            if "increment_mib" in r:
+                seen[kind] = (vocab, r["increment_mib"])
         cells.append({"vocab": vocab, "naive": naive, "teacherfit": tf})
         rows.append(_kd_row(f"{args.head_batch} x {args.head_seq_len}", naive, tf, extra={"V": f"{vocab:,}"}))
     out["part2_vocab"] = cells
@@ -573,10 +599,34 @@ def part2(args, out: dict) -> None:
          "increment over the heads:")
 
 
+def mem_available_mib() -> float:
+    text = Path("/proc/meminfo").read_text()
+    return int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
+
+
+def _guarded(args, only: str, cell: dict, last: tuple[int, float] | None) -> dict:
+    """Run a synthetic-head cell unless its peak, extrapolated linearly in V from a smaller cell, would not fit."""
+    if last is not None:
+        need = last[1] * cell["vocab"] / last[0]
+        avail = mem_available_mib()
+        if need > avail - args.memory_margin * 1024:
+            return {"skipped": f"not run: ~{fmt_mib(need)} by linear extrapolation, {fmt_mib(avail)} available",
+                    "estimated_increment_mib": need}
+    return spawn(args, only, cell)
+
+
 def _kd_row(label, naive, tf, extra) -> dict:
     row = {"B x T": label, **extra}
     if "error" in naive or "error" in tf:
         row["ratio"] = "failed: " + (naive.get("error") or tf.get("error")).splitlines()[-1][:80]
+        return row
+    if "skipped" in naive or "skipped" in tf:
+        for name, r in (("naive incr.", naive), ("teacherfit incr.", tf)):
+            row[name] = f"(~{fmt_mib(r['estimated_increment_mib'])}, not run)" if "skipped" in r else fmt_mib(r["increment_mib"])
+        if "skipped" not in tf:
+            row["teacherfit s"] = f"{tf['seconds']:.1f}"
+        row["loss tokens"] = tf.get("tokens", "")
+        row["ratio"] = f"~{tf.get('increment_mib', tf.get('estimated_increment_mib')) / naive.get('increment_mib', naive.get('estimated_increment_mib')):.2f}x (est.)"
         return row
     row.update({"loss tokens": naive.get("loss_tokens", naive.get("tokens")),
                 "naive incr.": fmt_mib(naive["increment_mib"]), "teacherfit incr.": fmt_mib(tf["increment_mib"]),

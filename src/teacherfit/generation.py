@@ -95,7 +95,11 @@ class TransformersGenerator:
     def provenance(self) -> dict[str, Any]:
         import transformers
 
-        return dict(self.loaded.provenance, backend=self.backend, engine_version=transformers.__version__)
+        from teacherfit.data import chat_template_for
+
+        plain = chat_template_for(self.loaded.tokenizer)[1]
+        return dict(self.loaded.provenance, backend=self.backend, engine_version=transformers.__version__,
+                    chat_template="plain (model has none)" if plain else "model's own")
 
     def generate(
         self, prompts: list[list[dict[str, str]]], decoding: DecodingConfig

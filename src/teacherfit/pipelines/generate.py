@@ -116,6 +116,9 @@ def generate_teacher(
             console.print(f"[yellow]{teacher.name}: {len(too_long)} prompts exceed max_prompt_tokens="
                           f"{cfg.max_prompt_tokens}; counted in summary.json, not generated[/]")
         provenance = generator.provenance()
+        if provenance.get("chat_template", "").startswith("plain"):
+            console.print(f"[yellow]note:[/] {teacher.name} has no chat template: prompts use the documented "
+                          "plain template (teacherfit.data.PLAIN_CHAT_TEMPLATE)")
         if run.resumed:
             console.print(f"{teacher.name}: resuming, {run.resumed} rows already done, {len(todo)} to go")
         start = time.perf_counter()
