@@ -7,9 +7,15 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import CHATML, save_tiny, tiny_llama, tiny_qwen2, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from teacherfit.config import CacheTeacherConfig, ModelOptions, ResponseSetConfig, TrainData
+from teacherfit.config import (
+    CacheTeacherConfig,
+    ModelOptions,
+    ResponseSetConfig,
+    TrainData,
+)
 from teacherfit.distill import cache as cache_mod
 from teacherfit.distill.cache import (
     CACHE_FORMAT,
@@ -17,12 +23,13 @@ from teacherfit.distill.cache import (
     CacheMismatchError,
     TopKCache,
     TopKCacheWriter,
+    tail_uniforms,
     tokenizer_digest,
+    topk_with_tail_draws,
 )
 from teacherfit.distill.examples import tokenize_records, training_records
-from teacherfit.distill.losses import forward_kl, forward_kl_topk
+from teacherfit.distill.losses import chunked_head_losses, forward_kl, forward_kl_topk
 from teacherfit.pipelines.cache_teacher import run_cache_teacher
-from tiny import CHATML, save_tiny, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 # Relative precision of a stored log-prob: half a unit in the last place of the stored dtype, plus the
 # same again for the reader's log-sum-exp shift (int32-fp16-lse, the default).
@@ -35,33 +42,38 @@ def writer(path, k, encoding=cache_mod.DEFAULT_ENCODING, per_shard=2, **meta):
     return TopKCacheWriter(path, top_k=k, examples_per_shard=per_shard, encoding=encoding, **kwargs)
 
 
-def random_topk(n, k, vocab=1000, seed=0):
+def random_topk(n, k, vocab=1000, seed=0, tail_samples=0):
     g = torch.Generator().manual_seed(seed)
-    logprobs = F.log_softmax(torch.randn(n, vocab, generator=g) * 3, dim=-1)
-    values, ids = logprobs.topk(k, dim=-1)
-    return ids, values
+    logits = torch.randn(n, vocab, generator=g) * 3
+    uniforms = torch.rand(n, tail_samples, generator=g)
+    return topk_with_tail_draws(logits, k=k, tail_samples=tail_samples, uniforms=uniforms)
 
 
 # ---------------------------------------------------------------- writer / reader
 
 
 @pytest.mark.parametrize("encoding", sorted(RTOL))
-def test_round_trip_values_within_stored_precision(tmp_path, encoding):
-    rows = {"a": random_topk(3, 8, seed=1), "b": random_topk(0, 8, seed=2), "c": random_topk(5, 8, seed=3)}
-    with writer(tmp_path, 8, encoding) as w:
+@pytest.mark.parametrize("tail_samples", [0, 3])
+def test_round_trip_values_within_stored_precision(tmp_path, encoding, tail_samples):
+    rows = {key: random_topk(n, 8, seed=seed, tail_samples=tail_samples)
+            for key, n, seed in (("a", 3, 1), ("b", 0, 2), ("c", 5, 3))}
+    with writer(tmp_path, 8, encoding, tail_samples=tail_samples) as w:
         for key, (ids, lps) in rows.items():
             w.add(key, ids, lps)
     cache = TopKCache(tmp_path)
     assert len(cache) == 3 and "a" in cache and "zz" not in cache and cache.tokens == 8
     assert cache.meta["bytes_per_token"] == cache_mod.ENCODINGS[encoding].bytes_per_token(8)
+    assert cache.loss_kwargs() == ({"tail_samples": 3} if tail_samples else {})
     for key, (ids, lps) in rows.items():
         got_ids, got_lps = cache.get(key)
         assert got_ids.dtype == torch.long and got_lps.dtype == torch.float32
         assert torch.equal(got_ids, ids)
         torch.testing.assert_close(got_lps, lps, rtol=RTOL[encoding], atol=1e-7)
         if cache_mod.ENCODINGS[encoding].stores_logsumexp and len(ids):
-            # the top-k mass, hence the tail the loss derives, is exact to fp32 precision
-            torch.testing.assert_close(torch.logsumexp(got_lps, -1), torch.logsumexp(lps, -1), rtol=0, atol=1e-6)
+            # the top entries' mass, hence the tail the loss derives, is exact to fp32 precision
+            top = slice(0, 8 - tail_samples)
+            torch.testing.assert_close(torch.logsumexp(got_lps[:, top], -1), torch.logsumexp(lps[:, top], -1),
+                                       rtol=0, atol=1e-6)
     assert sorted(f.name for f in tmp_path.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
 
 
@@ -103,6 +115,95 @@ def test_writer_refuses_duplicates_and_other_settings(tmp_path):
         writer(tmp_path, 4, tokenizer_digest="e" * 64)
     with pytest.raises(CacheError, match="not a teacher cache"):
         TopKCache(tmp_path / "elsewhere")
+
+
+# ---------------------------------------------------------------- tail draws and the loss
+
+
+def test_tail_draws_follow_the_teacher_tail_and_are_reproducible():
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(0)) * 2
+    n = 20000
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(1))
+    # many draws of one row: the row repeated, 3 top entries and one draw each
+    ids, lps = topk_with_tail_draws(logits.expand(n, -1), k=4, tail_samples=1, uniforms=u)
+    logp = F.log_softmax(logits[0], -1)
+    top = logp.topk(3).indices
+    assert torch.equal(ids[:, :3], top.expand(n, -1))
+    torch.testing.assert_close(lps, logp[ids])
+    tail = logp.exp().scatter(0, top, 0.0)
+    freq = torch.bincount(ids[:, 3], minlength=12).float() / n
+    assert freq[top].sum() == 0
+    torch.testing.assert_close(freq, tail / tail.sum(), rtol=0, atol=0.01)  # 3 sd of a frequency is < 0.011
+    assert torch.equal(tail_uniforms("k1", 5, 3), tail_uniforms("k1", 5, 3))
+    assert not torch.equal(tail_uniforms("k1", 5, 3), tail_uniforms("k2", 5, 3))
+
+
+def test_sampled_tail_kl_is_unbiased_in_value_and_gradient():
+    """E over the draw of forward_kl_topk(tail_samples=1) is the full-vocabulary KL, and so is its gradient."""
+    g = torch.Generator().manual_seed(3)
+    v, k_top = 10, 3
+    t_logits, s_logits = torch.randn(v, generator=g) * 2, torch.randn(v, generator=g)
+    t_logp = F.log_softmax(t_logits, -1)
+    top = t_logp.topk(k_top).indices
+    tail_ids = [j for j in range(v) if j not in top.tolist()]
+    p_tail = t_logp.exp()[tail_ids]
+    expected_value, expected_grad = 0.0, torch.zeros(v)
+    for j, pj in zip(tail_ids, p_tail / p_tail.sum()):
+        ids = torch.cat([top, torch.tensor([j])]).unsqueeze(0)
+        s = s_logits.clone().unsqueeze(0).requires_grad_()
+        kl = forward_kl_topk(s, ids, t_logp[ids], torch.zeros(1, dtype=torch.long), tail_samples=1)
+        kl.backward()
+        expected_value += pj * kl.detach()
+        expected_grad += pj * s.grad[0]
+    s = s_logits.clone().unsqueeze(0).requires_grad_()
+    full = forward_kl(s, t_logits.unsqueeze(0), torch.zeros(1, dtype=torch.long))
+    full.backward()
+    torch.testing.assert_close(expected_value, full.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(expected_grad, s.grad[0], rtol=1e-5, atol=1e-7)
+    # the bucket, with the same top entries, is a lower bound
+    label = torch.zeros(1, dtype=torch.long)
+    bucket = forward_kl_topk(s_logits.unsqueeze(0), top.unsqueeze(0), t_logp[top].unsqueeze(0), label)
+    assert bucket < full.detach() - 1e-3
+
+
+def test_sampled_tail_kl_at_temperature_converges():
+    """At tau != 1 the draws are importance-reweighted: many draws give the full tempered KL."""
+    g = torch.Generator().manual_seed(4)
+    v, n_draws = 10, 20000
+    t_logits, s_logits = torch.randn(1, v, generator=g) * 2, torch.randn(1, v, generator=g)
+    # one position with 3 top entries and n_draws >> V draws (K > V, so built from one-draw rows)
+    top_ids, top_lps = topk_with_tail_draws(t_logits, k=3)
+    draw_ids, draw_lps = topk_with_tail_draws(t_logits.expand(n_draws, -1), k=4, tail_samples=1,
+                                              uniforms=torch.rand(n_draws, 1, generator=g))
+    ids = torch.cat([top_ids, draw_ids[:, 3].unsqueeze(0)], dim=-1)
+    lps = torch.cat([top_lps, draw_lps[:, 3].unsqueeze(0)], dim=-1)
+    labels = torch.zeros(1, dtype=torch.long)
+    for tau in (0.7, 2.0):
+        full = forward_kl(s_logits, t_logits, labels, temperature=tau)
+        est = forward_kl_topk(s_logits, ids, lps, labels, temperature=tau, tail_samples=n_draws)
+        assert est.item() == pytest.approx(full.item(), rel=0.02)
+    with pytest.raises(ValueError, match="tail_samples must be an integer"):
+        forward_kl_topk(s_logits, ids, lps, labels, tail_samples=n_draws + 4)
+    with pytest.raises(ValueError, match="renormalize"):
+        forward_kl_topk(s_logits, ids, lps, labels, tail_samples=1, tail="renormalize")
+
+
+def test_chunked_head_losses_reads_cache_rows_with_tail_draws():
+    """The training path (chunked LM head, divergence_kwargs from the cache) equals forward_kl_topk."""
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 4, 5, -100], [-100, -100, 7, 8, 9]])
+    t_logits = torch.randn(2, 5, 40, generator=g) * 3
+    ids, lps = topk_with_tail_draws(t_logits.reshape(10, 40), k=8, tail_samples=2,
+                                    uniforms=torch.rand(10, 2, generator=g))
+    ids, lps = ids.reshape(2, 5, 8), lps.reshape(2, 5, 8)
+    sums = chunked_head_losses(hidden, head, labels, teacher_topk=(ids, lps), chunk_size=3,
+                               divergence_kwargs={"tail_samples": 2.0})  # as it comes from YAML
+    plain = forward_kl_topk(head(hidden), ids, lps, labels, tail_samples=2)
+    torch.testing.assert_close(sums["kd_sum"] / sums["n_tokens"], plain)
+    sums["kd_sum"].backward()
+    assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- tokenizer digest
@@ -180,33 +281,43 @@ def test_cache_teacher_matches_naive_topk_and_kl(workspace, tokenizer):
     vocab = len(tokenizer)
     student = sharpened(tiny_llama(tokenizer, seed=12))
     caches = {}
-    for k in (vocab, 4):
+    for k in (vocab, 8):
         summary = run_cache_teacher(config(workspace, root / f"k{k}", top_k=k, examples_per_shard=2))
         assert summary["examples"] == len(CHATS) and summary["k"] == k
+        assert summary["tail_samples"] == (0 if k == vocab else k // 4)
         assert summary["tokens"] == sum(len(t) for _, _, t in reference.values())
         assert summary["payload_bytes_per_token"] == 6 * k + 4
         assert summary["bytes"] == sum(f.stat().st_size for f in (root / f"k{k}").iterdir()
                                        if f.name.startswith("shard-") or f.name == "index.json")
         assert json.loads((root / f"k{k}" / "summary.json").read_text()) == summary
         caches[k] = TopKCache(root / f"k{k}")
+    assert caches[8].loss_kwargs() == {"tail_samples": 2}
 
+    tol = dict(rtol=RTOL["int32-fp16-lse"], atol=1e-6)
+    totals = {"full": 0.0, "bucket": 0.0, "sampled": 0.0}
     for key, (ex, t_logits, targets) in reference.items():
         t_logp = F.log_softmax(t_logits, dim=-1)
-        naive_values, _ = t_logp.topk(4, dim=-1)
-        ids, lps = caches[4].get(key)
-        # same top-k log-probs; each cached id carries the naive log-prob of that id (ties may swap ids)
-        torch.testing.assert_close(lps, naive_values, rtol=RTOL["int32-fp16-lse"], atol=1e-6)
-        torch.testing.assert_close(t_logp.gather(-1, ids), lps, rtol=RTOL["int32-fp16-lse"], atol=1e-6)
+        ids, lps = caches[8].get(key)  # 6 top entries, then 2 tail draws
+        torch.testing.assert_close(lps[:, :6], t_logp.topk(6, dim=-1).values, **tol)
+        # every cached id carries the naive log-prob of that id (so top ties may only swap equal ids)
+        torch.testing.assert_close(t_logp.gather(-1, ids), lps, **tol)
+        assert not (ids[:, 6:, None] == ids[:, None, :6]).any()  # draws come from the tail
 
         with torch.no_grad():
             s_logits = student(input_ids=torch.tensor([ex.tokens.input_ids])).logits[0, :-1]
         s_logits = s_logits[torch.tensor(ex.tokens.labels[1:]) != -100]
         full = forward_kl(s_logits, t_logits, targets).item()
-        # K = V: only fp16 rounding of the log-probs separates the cache from the full teacher
+        # K = V (every token, no draws): only fp16 rounding of the log-probs separates the two
         all_ids, all_lps = caches[vocab].get(key)
-        assert forward_kl_topk(s_logits, all_ids, all_lps, targets).item() == pytest.approx(full, rel=1e-3)
-        # small K: the coarsened (top-k + tail bucket) KL never exceeds the full KL
-        assert 0 < forward_kl_topk(s_logits, ids, lps, targets).item() <= full * (1 + 1e-6)
+        kl = forward_kl_topk(s_logits, all_ids, all_lps, targets, **caches[vocab].loss_kwargs()).item()
+        assert kl == pytest.approx(full, rel=1e-3)
+        # small K: the top entries with the bucket are a lower bound; the draws estimate what it misses
+        bucket = forward_kl_topk(s_logits, ids[:, :6], lps[:, :6], targets).item()
+        assert 0 < bucket <= full * (1 + 1e-6)
+        sampled = forward_kl_topk(s_logits, ids, lps, targets, **caches[8].loss_kwargs()).item()
+        for name, value in (("full", full), ("bucket", bucket), ("sampled", sampled)):
+            totals[name] += value * len(targets)
+    assert abs(totals["sampled"] - totals["full"]) < 0.5 * (totals["full"] - totals["bucket"]), totals
 
     # cached rows line up with the shifted labels of a padded batch
     keys = list(reference)
@@ -214,8 +325,8 @@ def test_cache_teacher_matches_naive_topk_and_kl(workspace, tokenizer):
     for row, key in enumerate(keys):
         shifted = reference[key][0].tokens.labels[1:]
         labels[row, : len(shifted)] = torch.tensor(shifted)
-    ids, _ = caches[4].collate(keys, labels)
-    assert torch.equal(ids[labels != -100], torch.cat([caches[4].get(k)[0] for k in keys]))
+    ids, _ = caches[8].collate(keys, labels)
+    assert torch.equal(ids[labels != -100], torch.cat([caches[8].get(k)[0] for k in keys]))
 
 
 def shard_keys(folder):

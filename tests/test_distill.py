@@ -266,3 +266,27 @@ def test_two_process_ddp_matches_one_process_with_accumulation(ws, tmp_path):
         # float rounding of 0 can flip an update either way.)
         for key in ("loss", "ce", "kd", "attn", "grad_norm", "tokens"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+
+
+def test_distill_from_the_teacher_cache_equals_the_online_teacher(ws, tmp_path, tokenizer):
+    """With K covering the vocabulary the cached distribution is the teacher's: same first-step losses."""
+    from teacherfit.config import CacheTeacherConfig
+    from teacherfit.pipelines.cache_teacher import run_cache_teacher
+    from teacherfit.pipelines.distill import run_distill
+
+    root, teacher, student, data = ws
+    cache_cfg = load_config(CacheTeacherConfig, None, [f"teacher={teacher}", f"data.responses=[{{name: t, path: {data}}}]",
+                                                      f"top_k={len(tokenizer)}", f"out={tmp_path / 'cache'}"])
+    run_cache_teacher(cache_cfg)
+    online = run_distill(_cfg(ws, tmp_path / "online", "kd.w_attn=0", "train.max_steps=1"))
+    cached = run_distill(_cfg(ws, tmp_path / "cached", "kd.w_attn=0", "train.max_steps=1", "teacher=null",
+                              f"teacher_cache={tmp_path / 'cache'}"))
+    assert cached["final"]["kd"] == pytest.approx(online["final"]["kd"], rel=1e-4)
+    assert cached["final"]["ce"] == pytest.approx(online["final"]["ce"], rel=1e-6)
+
+
+def test_attention_kd_with_a_cache_is_refused(ws, tmp_path):
+    from teacherfit.pipelines.distill import run_distill
+
+    with pytest.raises(ValueError, match="attention KD needs the online teacher"):
+        run_distill(_cfg(ws, tmp_path / "x", "teacher=null", f"teacher_cache={tmp_path}"))

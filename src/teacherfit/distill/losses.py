@@ -296,13 +296,49 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 # ---------------------------------------------------------------- top-k teacher
 
 
+def _forward_kl_sampled_tail_tokens(s: Tensor, ids: Tensor, lp: Tensor, temperature: float, n_draws: int) -> Tensor:
+    """Per-token forward KL: the first K - n_draws entries exact, the tail estimated from the last n_draws."""
+    top, draws = lp[:, : lp.shape[-1] - n_draws], lp[:, lp.shape[-1] - n_draws :]
+    t_tail = -torch.expm1(torch.logsumexp(top, dim=-1))  # exact tail mass at tau = 1 (no cancellation)
+    t_tail = torch.where(t_tail > TOPK_TAIL_ATOL, t_tail, 0.0)
+    inv = 1.0 / temperature
+    # Unnormalised tempered weights: p^(1/tau) for top entries; each draw stands for tail / n_draws of the
+    # tau = 1 mass, reweighted by p^(1/tau - 1) at other temperatures (self-normalised importance sampling).
+    use = torch.isfinite(draws) & (t_tail > 0).unsqueeze(-1)
+    draw_log_share = (t_tail / n_draws).clamp_min(1e-30).log().unsqueeze(-1)
+    draw_w = torch.where(use, draw_log_share + draws * (inv - 1.0), float("-inf"))
+    log_w = torch.cat([top * inv, draw_w], dim=-1)
+    log_z = torch.logsumexp(log_w, dim=-1, keepdim=True)  # 0 at tau = 1: sum p_top + tail = 1
+    w = (log_w - log_z).exp()
+    t_logp = lp * inv - log_z  # the teacher's tempered log-prob of each entry's token
+    z = s * inv
+    s_logp = z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)
+    ratio = torch.where(w > 0, t_logp - s_logp, 0.0)  # as in _kl_rows: no inf * 0 where w == 0
+    return (w * ratio).sum(-1) * temperature**2
+
+
 def _forward_kl_topk_tokens(
-    s: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, temperature: float, tail: str = "bucket"
+    s: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    temperature: float,
+    tail: str = "bucket",
+    tail_samples: int = 0,
 ) -> Tensor:
     """Per-token forward KL against a cached top-k teacher; fp32 ``s`` [N, V], ids/logprobs [N, K]."""
     if tail not in ("bucket", "renormalize"):
         raise ValueError(f"forward_kl_topk: tail must be 'bucket' or 'renormalize', got {tail!r}")
+    n_draws = int(tail_samples)  # divergence_kwargs from YAML may carry it as a float
+    if n_draws != tail_samples or not 0 <= n_draws <= topk_ids.shape[-1]:
+        raise ValueError(f"forward_kl_topk: tail_samples must be an integer in [0, K={topk_ids.shape[-1]}], "
+                         f"got {tail_samples!r}")
+    if n_draws and tail != "bucket":
+        raise ValueError(
+            "forward_kl_topk: tail_samples estimates the tail; it cannot be combined with tail='renormalize'"
+        )
     lp = topk_logprobs.float()
+    if n_draws:
+        return _forward_kl_sampled_tail_tokens(s, topk_ids, lp, temperature, n_draws)
     real = torch.isfinite(lp)  # entries with log-prob -inf are padding
     if tail == "renormalize":
         t_logp = F.log_softmax(lp / temperature, dim=-1)
@@ -347,6 +383,7 @@ def forward_kl_topk(
     temperature: float = 1.0,
     ignore_index: int = -100,
     tail: str = "bucket",
+    tail_samples: int = 0,
 ) -> Tensor:
     """Forward KL against a teacher given only by its cached top-k: ``tau^2 * mean_t KL``.
 
@@ -370,13 +407,23 @@ def forward_kl_topk(
     tail is a sum of many small tempered probabilities and is larger than the tempered lump for tau > 1,
     so tau > 1 under-weights the tail. The student side is exact: ``softmax(z / tau)`` over the full
     vocabulary, then coarsened. With K = V both modes equal ``forward_kl``.
+
+    ``tail_samples=S`` (> 0, with ``tail="bucket"``): the last S columns are not top entries but S
+    independent draws from the teacher's tail (p restricted to the tokens outside the first K - S ids,
+    renormalised; ids may repeat), each with its true log-probability, as ``teacherfit cache-teacher``
+    stores them. The tail mass ``P = 1 - sum of the first K - S probabilities`` is split evenly over the
+    draws and the tail's share of the KL is estimated as ``P / S * sum_s (log pT_s - log pS_s)``. At
+    tau = 1 this is an unbiased estimate of the full-vocabulary KL and of its gradient, where the bucket
+    gives a lower bound that misses ``P * KL(teacher tail || student tail)`` (several % of the KL for real
+    pairs, see ``teacherfit.distill.cache``). At tau != 1 the draws are reweighted by ``p_s^(1/tau - 1)``
+    and all weights normalised together (self-normalised importance sampling: consistent, not unbiased).
     """
     _check_temperature(temperature)
     _check_labels(student_logits, labels)
     _check_topk(topk_ids, topk_logprobs, tuple(labels.shape))
     mask = labels != ignore_index
     s = student_logits[mask].float()
-    per_token = _forward_kl_topk_tokens(s, topk_ids[mask], topk_logprobs[mask], temperature, tail)
+    per_token = _forward_kl_topk_tokens(s, topk_ids[mask], topk_logprobs[mask], temperature, tail, tail_samples)
     return _mean(per_token.sum(), s.shape[0])
 
 
@@ -465,7 +512,8 @@ def chunked_head_losses(
     module (e.g. ``nn.Linear``, weight possibly tied). The teacher is given either as
     ``teacher_hidden`` [B, T, d_t] + ``teacher_head`` (evaluated under ``no_grad``), or as
     ``teacher_topk = (ids [B, T, K], logprobs [B, T, K])`` (``forward_kl_topk``; then ``divergence``
-    must be ``"forward_kl"`` and ``divergence_kwargs`` may set ``tail``), or not at all (CE only).
+    must be ``"forward_kl"`` and ``divergence_kwargs`` may set ``tail`` and ``tail_samples``; a cache's
+    own setting is ``TopKCache.loss_kwargs()``), or not at all (CE only).
 
     How memory stays bounded: masked positions are selected first, so prompt tokens cost nothing; the
     selected tokens are processed ``chunk_size`` at a time; each chunk's head projection, divergence and

@@ -1,8 +1,10 @@
 """`teacherfit cache-teacher`: run the teacher once, store its top-k next-token log-probs for training.
 
-The cache holds one row per loss position (t with ``labels[t + 1] != -100``) of every training example;
-``teacherfit distill`` with ``teacher_cache`` then reads it and never loads the teacher. Storage format and
-accuracy: ``teacherfit.distill.cache``.
+The cache holds one row of ``top_k`` columns per loss position (t with ``labels[t + 1] != -100``) of every
+training example: the teacher's ``top_k - top_k // 4`` most likely next tokens, then ``top_k // 4`` draws
+from the rest of its distribution, which keep the KL unbiased (no draws when ``top_k`` covers the
+vocabulary). ``teacherfit distill`` with ``teacher_cache`` then reads it and never loads the teacher.
+Storage format, the tail draws and the measured accuracy: ``teacherfit.distill.cache``.
 
 Resumable like `generate`: shards and the index are written atomically, and the index lists only complete
 shards, so a run killed at any instant and restarted with the same output folder skips the examples in
@@ -17,15 +19,36 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from teacherfit.config import CacheTeacherConfig, prepare_run_dir
-from teacherfit.distill.cache import TopKCacheWriter, tokenizer_digest
+from teacherfit.distill.cache import (
+    TopKCacheWriter,
+    default_tail_samples,
+    tail_uniforms,
+    tokenizer_digest,
+    topk_with_tail_draws,
+)
 from teacherfit.distill.examples import TrainExample, tokenize_records, training_records
-from teacherfit.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+from teacherfit.models import (
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+)
 from teacherfit.scoring import length_sorted_batches, lm_head_logits, pad_batch
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import console, progress_bar
 
 HEAD_CHUNK = 512  # loss positions per LM-head call: bounds the fp32 logits to HEAD_CHUNK x vocabulary
 MAX_BATCH = 64  # examples per forward batch, on top of the token budget
+
+
+def teacher_vocab(cfg: CacheTeacherConfig) -> int:
+    """Rows of the teacher's output head, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(cfg.teacher).location,
+                                        trust_remote_code=cfg.models.trust_remote_code)
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
 
 
 def teacher_identity(cfg: CacheTeacherConfig) -> dict:
@@ -41,6 +64,8 @@ def teacher_topk(
     examples: Sequence[TrainExample],
     *,
     top_k: int,
+    tail_samples: int = 0,
+    sample_seed: int = 0,
     pad_token_id: int,
     max_tokens: int,
     max_batch: int = MAX_BATCH,
@@ -49,8 +74,8 @@ def teacher_topk(
     """Per length-sorted batch: ``[(example, ids [N, K] int64, logprobs [N, K] fp32), ...]`` and its real tokens.
 
     The decoder runs on the padded batch; the LM head runs only on the hidden states of loss positions,
-    ``head_chunk`` at a time, so the full [B, T, V] logits never exist. ``logits - logsumexp(logits)`` at
-    the top-k logits is ``topk(log_softmax(logits))`` without a second vocabulary-sized tensor.
+    ``head_chunk`` at a time, so the full [B, T, V] logits never exist. Each chunk's fp32 logits become
+    cache rows with ``topk_with_tail_draws`` (top K - S, then S tail draws from per-example uniforms).
     """
     device = next(model.parameters()).device
     decoder = model.get_decoder()
@@ -66,15 +91,17 @@ def teacher_topk(
         keep = labels[:, 1:] != -100  # position t predicts token t + 1 (right padding: positions 0..n-1)
         h = hidden[:, :-1][keep]  # row-major: example by example, positions in order
         del hidden
+        counts = keep.sum(dim=1).tolist()
+        uniforms = torch.cat([tail_uniforms(examples[i].key, n, tail_samples, sample_seed)
+                              for i, n in zip(batch, counts)]).to(device)
         top_ids = torch.empty(h.shape[0], top_k, dtype=torch.long)
         top_lps = torch.empty(h.shape[0], top_k, dtype=torch.float32)
         for s in range(0, h.shape[0], head_chunk):
             logits = lm_head_logits(model, h[s : s + head_chunk]).float()
-            values, indices = logits.topk(top_k, dim=-1)
-            top_lps[s : s + head_chunk] = (values - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
-            top_ids[s : s + head_chunk] = indices.cpu()
+            ids_c, lps_c = topk_with_tail_draws(logits, k=top_k, tail_samples=tail_samples,
+                                                uniforms=uniforms[s : s + head_chunk])
+            top_ids[s : s + head_chunk], top_lps[s : s + head_chunk] = ids_c.cpu(), lps_c.cpu()
             del logits
-        counts = keep.sum(dim=1).tolist()
         out, start = [], 0
         for i, n in zip(batch, counts):
             out.append((examples[i], top_ids[start : start + n], top_lps[start : start + n]))
@@ -87,9 +114,11 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
     records = training_records(cfg.data)
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)
     examples, token_stats = tokenize_records(records, tokenizer, cfg.max_length)
+    tail_samples = default_tail_samples(cfg.top_k, teacher_vocab(cfg))
     writer = TopKCacheWriter(
         run_dir,
         top_k=cfg.top_k,
+        tail_samples=tail_samples,
         teacher_provenance=teacher_identity(cfg),
         tokenizer_digest=tokenizer_digest(tokenizer),
         max_length=cfg.max_length,
@@ -98,9 +127,11 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
     done = writer.done_keys()
     todo = [ex for ex in examples if ex.key not in done]
     if len(todo) < len(examples):
-        console.print(f"cache-teacher: resuming, {len(examples) - len(todo)} examples already cached, {len(todo)} to go")
+        console.print(f"cache-teacher: resuming, {len(examples) - len(todo)} examples already cached, "
+                      f"{len(todo)} to go")
     if token_stats["truncated"]:
-        console.print(f"[yellow]cache-teacher: {token_stats['truncated']} examples truncated to max_length={cfg.max_length}[/]")
+        console.print(f"[yellow]cache-teacher: {token_stats['truncated']} examples truncated to "
+                      f"max_length={cfg.max_length}[/]")
 
     start = time.perf_counter()
     input_tokens = cached_now = 0
@@ -108,7 +139,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         loaded = load_model(cfg.teacher, device=cfg.models.device, dtype=cfg.models.dtype,
                             trust_remote_code=cfg.models.trust_remote_code)
         with progress_bar("cache teacher", len(todo)) as advance:
-            for rows, n_tokens in teacher_topk(loaded.model, todo, top_k=cfg.top_k,
+            for rows, n_tokens in teacher_topk(loaded.model, todo, top_k=cfg.top_k, tail_samples=tail_samples,
                                                pad_token_id=loaded.tokenizer.pad_token_id, max_tokens=cfg.max_tokens):
                 for ex, ids, lps in rows:
                     writer.add(ex.key, ids, lps)
@@ -129,6 +160,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         "payload_bytes_per_token": writer.meta["bytes_per_token"],
         "shards": stats["shards"],
         "k": cfg.top_k,
+        "tail_samples": tail_samples,
         "encoding": writer.meta["encoding"],
         "teacher": writer.meta["teacher"],
         "examples_now": len(todo),

@@ -99,12 +99,15 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
                                         teacher_rows=t_rows, student_name=cfg.student, teacher_name=cfg.teacher)
         vocab, notes = compat.vocab, compat.notes
     if cfg.teacher_cache and kd_on:
-        from teacherfit.distill.cache import TopKCache, tokenizer_digest
+        from teacherfit.distill.cache import TopKCache
 
+        if cfg.kd.divergence != "forward_kl":
+            raise ValueError("the top-k teacher cache supports kd.divergence=forward_kl only")
         cache = TopKCache(cfg.teacher_cache)
-        if cache.meta.get("tokenizer_digest") != tokenizer_digest(tokenizer):
-            raise ValueError(f"the teacher cache {cfg.teacher_cache} was made with another tokenizer than "
-                             f"{cfg.student}'s: logit KD needs the same tokenizer")
+        cache.check_compatible(tokenizer, cfg.train.max_length)
+        # how the cache's rows are laid out (e.g. tail draws) is part of the loss
+        kd = cfg.kd.model_copy(update={"divergence_kwargs": {**cfg.kd.divergence_kwargs, **cache.loss_kwargs()}})
+        cfg = cfg.model_copy(update={"kd": kd})
     examples, stats = tokenize_records(records, tokenizer, cfg.train.max_length)
     if stats["truncated"]:
         notes.append(f"{stats['truncated']} examples longer than max_length={cfg.train.max_length} were truncated")
