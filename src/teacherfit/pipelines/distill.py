@@ -108,6 +108,10 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
         # how the cache's rows are laid out (e.g. tail draws) is part of the loss
         kd = cfg.kd.model_copy(update={"divergence_kwargs": {**cfg.kd.divergence_kwargs, **cache.loss_kwargs()}})
         cfg = cfg.model_copy(update={"kd": kd})
+    context = getattr(student.config, "max_position_embeddings", None)
+    if context and cfg.train.max_length > context:
+        notes.append(f"train.max_length={cfg.train.max_length} exceeds the student's context ({context}): using {context}")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_length": context})})
     examples, stats = tokenize_records(records, tokenizer, cfg.train.max_length)
     if stats["truncated"]:
         notes.append(f"{stats['truncated']} examples longer than max_length={cfg.train.max_length} were truncated")
