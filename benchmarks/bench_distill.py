@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import re
@@ -72,9 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=256, help="part 1 tokens per row (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=6, help="part 1 measured optimizer steps (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=1, help="part 1 unmeasured first steps (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="part 1: alternate the trainers' subprocesses this many rounds; per-step times are the "
-                         "fastest of the rounds, memory the largest (default: %(default)s)")
+    ap.add_argument("--mem-steps", type=int, default=2,
+                    help="part 1 memory runs: steps after the warm-up (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate, both trainers (default: %(default)s)")
     ap.add_argument("--head-chunk", type=int, default=None,
                     help="teacherfit kd.head_chunk (default: KDConfig's default)")
@@ -97,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     # internal: one measurement in a fresh process
     ap.add_argument("--only", default=None,
-                    choices=["trl", "teacherfit", "kd-naive", "kd-teacherfit", "head-naive", "head-teacherfit"],
+                    choices=["speed", "trl", "teacherfit", "kd-naive", "kd-teacherfit", "head-naive", "head-teacherfit"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--cell", default="{}", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -150,21 +148,34 @@ class PeakRSS:
 # ---------------------------------------------------------------- models and data (child processes)
 
 
-def load_pair(args):
-    """(teacher, student, tokenizer): the frozen teacher and its half-depth trainable copy, fp32 on CPU."""
+def load_teacher(args):
+    """(teacher, tokenizer): the frozen teacher, fp32 on CPU, its weights resident."""
+    from teacherfit.models import load_model
+
+    teacher = load_model(args.teacher, device="cpu", dtype="float32")
+    teacher.model.config.use_cache = False
+    resident(teacher.model)
+    return teacher.model, teacher.tokenizer
+
+
+def load_student(args):
+    """A trainable half-depth copy of the teacher (shrink_layers), fp32 on CPU, as build_student makes it."""
     from teacherfit.config import StudentInit
     from teacherfit.models import load_model
     from teacherfit.pipelines.distill import shrink_layers
 
-    teacher = load_model(args.teacher, device="cpu", dtype="float32")
     student = load_model(args.teacher, device="cpu", dtype="float32").model
     student = shrink_layers(student, StudentInit(layers=args.student_layers))
     student.train()
     student.config.use_cache = False
-    teacher.model.config.use_cache = False
-    for model in (teacher.model, student):  # weights into private memory, resident before the baseline is read
-        resident(model)
-    return teacher.model, student, teacher.tokenizer
+    resident(student)
+    return student
+
+
+def load_pair(args):
+    """(teacher, student, tokenizer)."""
+    teacher, tok = load_teacher(args)
+    return teacher, load_student(args), tok
 
 
 def resident(model) -> None:
@@ -228,12 +239,13 @@ def packed_batch(args, tokenizer, batch: int, seq_len: int):
     return Micro([str(i) for i in range(batch)], ids, torch.ones_like(ids), labels)
 
 
-def kd_module(args, student):
+def kd_module(args, student, head_chunk: int | None = None):
     from teacherfit.config import KDConfig
     from teacherfit.distill.train import DistillModule
 
+    head_chunk = head_chunk or args.head_chunk
     kd = KDConfig(**{"lambda": 1.0, "w_attn": 0.0, "w_pred": 1.0, "divergence": "forward_kl", "temperature": 1.0,
-                     **({"head_chunk": args.head_chunk} if args.head_chunk else {})})
+                     **({"head_chunk": head_chunk} if head_chunk else {})})
     return DistillModule(student, kd, vocab=None, layer_map=None, capture=None), kd
 
 
@@ -271,37 +283,39 @@ def batch_counts(micros) -> dict:
 # ---------------------------------------------------------------- children
 
 
-def child_teacherfit(args) -> dict:
-    from teacherfit.distill.train import OnlineTeacher
+class TeacherfitStepper:
+    """teacherfit's optimizer step (the body of distill.train.train, without accelerate), one batch at a time."""
 
-    teacher_model, student, tok = load_pair(args)
-    micros = fixed_batches(args, tok, args.warmup + args.steps)
-    cpu = torch.device("cpu")
-    with PeakRSS() as mem:
-        module, kd = kd_module(args, student)
-        params = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-        teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
-        ends, cpu_ends, losses = [time.perf_counter()], [time.process_time()], []
-        for micro in micros:
-            loss, kl = teacherfit_loss(module, kd, teacher, micro)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(kl.detach()))
-            ends.append(time.perf_counter())
-            cpu_ends.append(time.process_time())
-    return {"step_s": [b - a for a, b in itertools.pairwise(ends)],
-            "step_cpu_s": [b - a for a, b in itertools.pairwise(cpu_ends)], "kd_loss": losses, **batch_counts(micros),
-            **mem.result(), "shapes": model_shapes(teacher_model, student), "head_chunk": kd.head_chunk,
-            "optimizer": "torch.optim.AdamW (defaults, weight_decay 0)"}
+    def __init__(self, args, teacher_model, student, head_chunk: int | None = None):
+        from teacherfit.distill.train import OnlineTeacher
+
+        cpu = torch.device("cpu")
+        self.module, self.kd = kd_module(args, student, head_chunk)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        self.teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
+        self.step_s, self.kd_loss = [], []
+
+    def step(self, micro) -> None:
+        start = time.perf_counter()
+        loss, kl = teacherfit_loss(self.module, self.kd, self.teacher, micro)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_s.append(time.perf_counter() - start)
+        self.kd_loss.append(float(kl.detach()))
+
+    def result(self) -> dict:
+        return {"step_s": self.step_s, "kd_loss": self.kd_loss, "head_chunk": self.kd.head_chunk,
+                "optimizer": "torch.optim.AdamW (defaults, weight_decay 0)"}
 
 
-def child_trl(args) -> dict:
+def run_trl(args, teacher_model, student, tok, micros, between=None) -> dict:
+    """TRL's GKDTrainer.train() on ``micros`` in order; ``between(i)`` runs after step i (not timed as TRL's)."""
     import datasets
     import trl
     from transformers import TrainerCallback
@@ -312,11 +326,8 @@ def child_trl(args) -> dict:
         from trl import GKDConfig, GKDTrainer
 
     datasets.disable_progress_bars()
-    teacher_model, student, tok = load_pair(args)
-    micros = fixed_batches(args, tok, args.warmup + args.steps)
-    shapes = model_shapes(teacher_model, student)
     rows = [{k: getattr(m, k)[r].tolist() for k in ("input_ids", "attention_mask", "labels")}
-            for m in micros for r in range(args.batch)]
+            for m in micros for r in range(m.input_ids.shape[0])]
     dataset = datasets.Dataset.from_list(rows)
 
     def collator(features):
@@ -324,25 +335,25 @@ def child_trl(args) -> dict:
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.ends, self.cpu_ends, self.losses = [], [], []
+            self.begin, self.step_s, self.losses = 0.0, [], []
 
-        def on_train_begin(self, *a, **k):
-            self.ends.append(time.perf_counter())
-            self.cpu_ends.append(time.process_time())
+        def on_step_begin(self, *a, **k):
+            self.begin = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-            self.cpu_ends.append(time.process_time())
+        def on_step_end(self, _args, state, *a, **k):
+            self.step_s.append(time.perf_counter() - self.begin)
+            if between is not None:
+                between(state.global_step - 1)
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
     clock = Clock()
-    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
+    with tempfile.TemporaryDirectory() as tmp:
         config = GKDConfig(
-            output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
-            lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=args.seq_len,
+            output_dir=tmp, per_device_train_batch_size=micros[0].input_ids.shape[0], max_steps=len(micros),
+            lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=micros[0].input_ids.shape[1],
             bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
             learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
             train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1,
@@ -351,10 +362,53 @@ def child_trl(args) -> dict:
         trainer = GKDTrainer(model=student, teacher_model=teacher_model, args=config, train_dataset=dataset,
                              data_collator=collator, processing_class=tok, callbacks=[clock])
         trainer.train()
-    return {"step_s": [b - a for a, b in itertools.pairwise(clock.ends)],
-            "step_cpu_s": [b - a for a, b in itertools.pairwise(clock.cpu_ends)], "kd_loss": clock.losses,
-            **batch_counts(micros), **mem.result(), "shapes": shapes, "trl_version": trl.__version__,
+    return {"step_s": clock.step_s, "kd_loss": clock.losses, "trl_version": trl.__version__,
             "optimizer": str(config.optim), "trainer": f"{GKDTrainer.__module__}.GKDTrainer"}
+
+
+def child_speed(args) -> dict:
+    """TRL and teacherfit in one process, alternating step by step on the same batches.
+
+    Each step of TRL's trainer is followed by the same batch's step of each teacherfit variant (its own copy of
+    the student and its own optimizer, the teacher shared): both see the same load from other processes.
+    """
+    teacher_model, tok = load_teacher(args)
+    micros = fixed_batches(args, tok, args.warmup + args.steps)
+    chunks = [args.head_chunk, *args.extra_head_chunks]
+    steppers = [TeacherfitStepper(args, teacher_model, load_student(args), c) for c in chunks]
+
+    def between(i: int) -> None:
+        for stepper in steppers:
+            stepper.step(micros[i])
+
+    trl_student = load_student(args)
+    shapes = model_shapes(teacher_model, trl_student)
+    trl_result = run_trl(args, teacher_model, trl_student, tok, micros, between)
+    return {"trl": trl_result, "teacherfit": [st.result() for st in steppers], "shapes": shapes,
+            **batch_counts(micros)}
+
+
+def child_teacherfit(args) -> dict:
+    teacher_model, tok = load_teacher(args)
+    student = load_student(args)
+    micros = fixed_batches(args, tok, args.warmup + args.mem_steps)
+    with PeakRSS() as mem:
+        stepper = TeacherfitStepper(args, teacher_model, student, args.head_chunk)
+        for micro in micros:
+            stepper.step(micro)
+    return {**stepper.result(), **mem.result()}
+
+
+def child_trl(args) -> dict:
+    import datasets  # noqa: F401  (imported before the baseline, like everything the run needs)
+    import trl  # noqa: F401
+
+    teacher_model, tok = load_teacher(args)
+    student = load_student(args)
+    micros = fixed_batches(args, tok, args.warmup + args.mem_steps)
+    with PeakRSS() as mem:
+        result = run_trl(args, teacher_model, student, tok, micros)
+    return {**result, **mem.result()}
 
 
 def child_kd(args, naive: bool) -> dict:
@@ -418,7 +472,7 @@ def run_child(args) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    fn = {"teacherfit": child_teacherfit, "trl": child_trl,
+    fn = {"speed": child_speed, "teacherfit": child_teacherfit, "trl": child_trl,
           "kd-naive": lambda a: child_kd(a, True), "kd-teacherfit": lambda a: child_kd(a, False),
           "head-naive": lambda a: child_head(a, True), "head-teacherfit": lambda a: child_head(a, False)}[args.only]
     result = fn(args)
@@ -434,7 +488,9 @@ def spawn(args, only: str, cell: dict | None = None, head_chunk: int | None = No
     forward = ["--teacher", args.teacher, "--student-layers", args.student_layers, "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--lr", str(args.lr), "--kd-batch", str(args.kd_batch), "--head-batch", str(args.head_batch),
-               "--head-seq-len", str(args.head_seq_len)]
+               "--head-seq-len", str(args.head_seq_len), "--mem-steps", str(args.mem_steps)]
+    if args.extra_head_chunks:
+        forward += ["--extra-head-chunks", *map(str, args.extra_head_chunks)]
     if args.data:
         forward += ["--data", str(args.data)]
     if head_chunk:
@@ -522,75 +578,68 @@ def show(rows, columns, args, title):
         print(markdown_table(rows, columns))
 
 
-def merge_rounds(results: list[dict]) -> dict:
-    """Several runs of one trainer on the same batches: per-step fastest time, largest memory."""
-    ok = [r for r in results if "error" not in r]
-    if not ok:
-        return results[0]
-    merged = dict(ok[0], rounds=len(ok))
-    for key in ("step_s", "step_cpu_s"):
-        merged[key] = [min(vals) for vals in zip(*(r[key] for r in ok))]
-    for key in ("peak_mib", "increment_mib", "base_mib"):
-        merged[key] = max(r[key] for r in ok)
-    merged["increment_mib_range"] = [min(r["increment_mib"] for r in ok), max(r["increment_mib"] for r in ok)]
-    return merged
-
-
 def part1(args, out: dict) -> dict | None:
-    print(f"\n[1] teacherfit vs TRL GKD: batch {args.batch} x {args.seq_len}, {args.warmup} warm-up + {args.steps} "
-          f"measured steps (x {args.repeats} alternating rounds), off-policy (lmbda=0), forward KL (beta=0), tau=1 ({load_line()})")
-    rounds = []
-    for _ in range(max(1, args.repeats)):
-        rnd = {"teacherfit": spawn(args, "teacherfit"), "trl": spawn(args, "trl")}
-        for chunk in args.extra_head_chunks:
-            rnd[f"teacherfit (head_chunk {chunk})"] = spawn(args, "teacherfit", head_chunk=chunk)
-        rounds.append(rnd)
-    res = {name: merge_rounds([rnd[name] for rnd in rounds]) for name in rounds[0]}
-    out["part1"] = res
+    print(f"\n[1] teacherfit vs TRL GKD: batch {args.batch} x {args.seq_len}, off-policy (lmbda=0), forward KL "
+          f"(beta=0), tau=1, no generation ({load_line()})")
+    speed = spawn(args, "speed")
+    mem = {"teacherfit": spawn(args, "teacherfit"), "trl": spawn(args, "trl")}
+    for chunk in args.extra_head_chunks:
+        mem[f"teacherfit (head_chunk {chunk})"] = spawn(args, "teacherfit", head_chunk=chunk)
+    out["part1"] = {"speed": speed, "memory": mem}
+    if "error" in speed:
+        print(f"  speed run FAILED: {speed['error']}")
+        return None
+
+    w = args.warmup
+    real, loss_tok = speed["real_tokens"][w:], speed["loss_tokens"][w:]
+    runs = {"trl": speed["trl"]}
+    for r in speed["teacherfit"]:
+        default = r["head_chunk"] == speed["teacherfit"][0]["head_chunk"] and "teacherfit" not in runs
+        runs["teacherfit" if default else f"teacherfit (head_chunk {r['head_chunk']})"] = r
+    trl_steps = speed["trl"]["step_s"][w:]
     rows = []
-    for name, r in res.items():
+    for name, r in runs.items():
+        steps = r["step_s"][w:]
+        r["tok_s"] = sum(real) / sum(steps)
+        r["paired"] = statistics.median(t / s for s, t in zip(steps, trl_steps))
+        rows.append({"trainer": name, "s/step": f"{sum(steps) / len(steps):.2f}",
+                     "fastest step s": f"{min(steps):.2f}", "real tok/s": r["tok_s"],
+                     "response tok/s": sum(loss_tok) / sum(steps),
+                     "vs TRL (median of per-step ratios)": "" if name == "trl" else f"{r['paired']:.2f}x",
+                     "vs TRL (total time)": "" if name == "trl" else f"{r['tok_s'] / runs['trl']['tok_s']:.2f}x",
+                     "KD loss step 1": f"{r['kd_loss'][0]:.5f}", "KD loss last": f"{r['kd_loss'][-1]:.5f}"})
+    show(rows, ["trainer", "s/step", "fastest step s", "real tok/s", "response tok/s",
+                "vs TRL (median of per-step ratios)", "vs TRL (total time)", "KD loss step 1", "KD loss last"], args,
+         f"speed: one process, the trainers alternating step by step on identical batches; {w} warm-up + "
+         f"{args.steps} measured steps, {sum(real) / len(real):.0f} real / {sum(loss_tok) / len(loss_tok):.0f} "
+         "response tokens per step:")
+
+    rows = []
+    for name, r in mem.items():
         if "error" in r:
-            print(f"  {name} FAILED: {r['error']}")
+            rows.append({"trainer": name, "peak RSS": "FAILED: " + r["error"].splitlines()[-1][:100]})
             continue
-        w = args.warmup
-        secs = sum(r["step_s"][w:])
-        real, loss_tok = sum(r["real_tokens"][w:]), sum(r["loss_tokens"][w:])
-        best = max(n / s for n, s in zip(r["real_tokens"][w:], r["step_s"][w:]))
-        r.update(tok_s=real / secs, loss_tok_s=loss_tok / secs, s_per_step=secs / len(r["step_s"][w:]),
-                 best_tok_s=best, cpu_s_per_step=sum(r["step_cpu_s"][w:]) / len(r["step_cpu_s"][w:]))
-        rows.append({"trainer": name, "vs TRL": "", "s/step": f"{r['s_per_step']:.2f}",
-                     "CPU s/step": f"{r['cpu_s_per_step']:.2f}", "real tok/s": r["tok_s"],
-                     "best step tok/s": best,
-                     "response tok/s": r["loss_tok_s"], "peak RSS": fmt_mib(r["peak_mib"]),
-                     "after load": fmt_mib(r["base_mib"]), "increment": fmt_mib(r["increment_mib"]),
-                     "KD loss step 1": f"{r['kd_loss'][0]:.5f}" if r["kd_loss"] else "",
-                     "KD loss last": f"{r['kd_loss'][-1]:.5f}" if r["kd_loss"] else ""})
-    trl = res["trl"]
-    for row, r in zip(rows, [r for r in res.values() if "error" not in r]):
-        if "error" not in trl and r is not trl:
-            row["vs TRL"] = (f"{r['best_tok_s'] / trl['best_tok_s']:.2f}x speed, "
-                             f"{r['increment_mib'] / trl['increment_mib']:.2f}x mem")
-    show(rows, ["trainer", "vs TRL", "s/step", "CPU s/step", "real tok/s", "best step tok/s", "response tok/s", "peak RSS", "after load", "increment",
-                "KD loss step 1", "KD loss last"], args, "")
-    tf, trl = res["teacherfit"], res["trl"]
-    if "error" not in tf and "error" not in trl:
-        speed = tf["tok_s"] / trl["tok_s"]
-        memory = tf["increment_mib"] / trl["increment_mib"]
-        best = tf["best_tok_s"] / trl["best_tok_s"]
-        median = statistics.median(b / a for a, b in zip(tf["step_s"][args.warmup:], trl["step_s"][args.warmup:]))
-        out["part1_ratios"] = {"speed_mean": speed, "speed_fastest_step": best, "speed_median_paired": median,
-                               "memory_increment": memory, "memory_absolute": tf["peak_mib"] / trl["peak_mib"]}
-        # On a shared machine the mean moves with other processes' load; the fastest step is the least
-        # disturbed estimate, so the verdict uses it.
-        print(f"teacherfit / TRL speed: fastest step {best:.2f}x (target >= {SPEED_TARGET}x: "
-              f"{'met' if best >= SPEED_TARGET else 'MISSED'}); mean {speed:.2f}x, median of per-step ratios "
-              f"{median:.2f}x (both move with the load)")
-        print(f"teacherfit / TRL peak memory: increment {memory:.2f}x (target <= "
-              f"{MEMORY_TARGET}x: {'met' if memory <= MEMORY_TARGET else 'MISSED'}); absolute peak "
-              f"{tf['peak_mib'] / trl['peak_mib']:.2f}x")
-        print(f"TRL {trl.get('trl_version')} ({trl.get('trainer')}, optimizer {trl.get('optimizer')}); teacherfit "
-              f"head_chunk {tf.get('head_chunk')}, optimizer {tf.get('optimizer')}")
-    return tf if "error" not in tf else None
+        ratio = ("" if name == "trl" or "error" in mem["trl"]
+                 else f"{r['increment_mib'] / mem['trl']['increment_mib']:.2f}x")
+        rows.append({"trainer": name, "peak RSS": fmt_mib(r["peak_mib"]), "after load": fmt_mib(r["base_mib"]),
+                     "increment": fmt_mib(r["increment_mib"]), "increment vs TRL": ratio})
+    show(rows, ["trainer", "peak RSS", "after load", "increment", "increment vs TRL"], args,
+         f"peak memory: each trainer alone in a fresh process, {w} + {args.mem_steps} steps; increment = peak RSS "
+         "minus RSS after loading teacher and student:")
+
+    tf, trl = runs["teacherfit"], runs["trl"]
+    ratios = {"speed_median_paired": tf["paired"], "speed_total": tf["tok_s"] / trl["tok_s"]}
+    verdict = f"speed {tf['paired']:.2f}x (target >= {SPEED_TARGET}x: {'met' if tf['paired'] >= SPEED_TARGET else 'MISSED'})"
+    if "error" not in mem["teacherfit"] and "error" not in mem["trl"]:
+        m = mem["teacherfit"]["increment_mib"] / mem["trl"]["increment_mib"]
+        ratios.update(memory_increment=m, memory_absolute=mem["teacherfit"]["peak_mib"] / mem["trl"]["peak_mib"])
+        verdict += (f"; peak-memory increment {m:.2f}x (target <= {MEMORY_TARGET}x: "
+                    f"{'met' if m <= MEMORY_TARGET else 'MISSED'}), absolute peak {ratios['memory_absolute']:.2f}x")
+    out["part1_ratios"] = ratios
+    print(f"teacherfit / TRL: {verdict}")
+    print(f"TRL {trl.get('trl_version')} ({trl.get('trainer')}, optimizer {trl.get('optimizer')}); teacherfit "
+          f"head_chunk {tf.get('head_chunk')}, optimizer {tf.get('optimizer')}")
+    return {**tf, "loss_tokens": speed["loss_tokens"], "shapes": speed["shapes"], "trl_step_s": speed["trl"]["step_s"]}
 
 
 def part2(args, out: dict) -> None:
@@ -667,37 +716,41 @@ def _kd_row(label, naive, tf, extra) -> dict:
 
 def part3(args, out: dict, tf: dict | None, peak: float) -> None:
     print(f"\n[3] utilisation of the teacherfit KD step ({load_line()})")
-    if tf is None:
-        tf = spawn(args, "teacherfit")
-        if "error" in tf:
-            print(f"  teacherfit FAILED: {tf['error']}")
+    if tf is None:  # part 1 not run: its speed run is the measurement
+        speed = spawn(args, "speed")
+        if "error" in speed:
+            print(f"  speed run FAILED: {speed['error']}")
             return
+        tf = {**speed["teacherfit"][0], "loss_tokens": speed["loss_tokens"], "shapes": speed["shapes"],
+              "trl_step_s": speed["trl"]["step_s"]}
     w = args.warmup
-    secs = sum(tf["step_s"][w:]) / len(tf["step_s"][w:])
+    steps = tf["step_s"][w:]
+    secs, fastest = sum(steps) / len(steps), min(steps)
     loss_tokens = sum(tf["loss_tokens"][w:]) / len(tf["loss_tokens"][w:])
     flops = step_flops(tf["shapes"], args.batch, args.seq_len, loss_tokens)
     achieved = flops["useful"] / secs / 1e9
-    with_recompute = (flops["useful"] + flops["recompute"]) / secs / 1e9
-    out["part3"] = {"flops_per_step": flops, "s_per_step": secs, "achieved_gflops": achieved,
-                    "achieved_gflops_with_recompute": with_recompute, "peak_gflops": peak,
-                    "utilisation": achieved / peak}
+    out["part3"] = {"flops_per_step": flops, "s_per_step": secs, "fastest_step_s": fastest,
+                    "achieved_gflops": achieved, "achieved_gflops_fastest": flops["useful"] / fastest / 1e9,
+                    "peak_gflops": peak, "utilisation": achieved / peak,
+                    "utilisation_fastest": flops["useful"] / fastest / 1e9 / peak}
     rows = [{"term": k.replace("_", " "), "GFLOP/step": v / 1e9} for k, v in flops.items()]
     show(rows, ["term", "GFLOP/step"], args,
          f"analytic FLOPs per step (B {args.batch} x T {args.seq_len}, {loss_tokens:.0f} loss tokens/step, "
          f"student {tf['shapes']['student_nonemb'] / 1e6:.1f}M / teacher {tf['shapes']['teacher_nonemb'] / 1e6:.1f}M "
          "non-embedding params; see step_flops):")
-    rows = [{"measure": "teacherfit step", "s/step": f"{secs:.2f}", "GFLOP/s": achieved,
-             "of fp32 matmul peak": f"{achieved / peak:.1%}"},
-            {"measure": "  incl. head recompute", "s/step": f"{secs:.2f}", "GFLOP/s": with_recompute,
-             "of fp32 matmul peak": f"{with_recompute / peak:.1%}"},
-            {"measure": f"torch.matmul {args.peak_size}^2 fp32", "s/step": "", "GFLOP/s": peak,
-             "of fp32 matmul peak": "100.0%"}]
-    trl = out.get("part1", {}).get("trl")
-    if trl and "error" not in trl:
-        t_secs = sum(trl["step_s"][w:]) / len(trl["step_s"][w:])
-        rows.insert(2, {"measure": "TRL GKD step (same useful FLOPs)", "s/step": f"{t_secs:.2f}",
-                        "GFLOP/s": flops["useful"] / t_secs / 1e9,
-                        "of fp32 matmul peak": f"{flops['useful'] / t_secs / 1e9 / peak:.1%}"})
+
+    def row(label, seconds, extra=0.0):
+        rate = (flops["useful"] + extra) / seconds / 1e9
+        return {"measure": label, "s/step": f"{seconds:.2f}", "GFLOP/s": rate, "of fp32 matmul peak": f"{rate / peak:.1%}"}
+
+    rows = [row("teacherfit step, mean", secs), row("teacherfit step, fastest", fastest),
+            row("  fastest, counting the head recompute", fastest, flops["recompute"])]
+    trl_steps = tf.get("trl_step_s", [])[w:]
+    if trl_steps:
+        rows += [row("TRL GKD step, mean (same useful FLOPs)", sum(trl_steps) / len(trl_steps)),
+                 row("TRL GKD step, fastest", min(trl_steps))]
+    rows.append({"measure": f"torch.matmul {args.peak_size}^2 fp32 (peak)", "s/step": "", "GFLOP/s": peak,
+                 "of fp32 matmul peak": "100.0%"})
     show(rows, ["measure", "s/step", "GFLOP/s", "of fp32 matmul peak"], args, "achieved:")
 
 

@@ -2,9 +2,10 @@
 
 ``TransformersGenerator`` renders real quickstart prompts (ShareGPT instructions) with the model's chat
 template and decodes greedily, once with ``--batch-size`` prompts per ``generate`` call (length-sorted,
-left-padded) and once with batch 1, in the same process. Throughput counts generated tokens only: each
-completion's tokens up to and including its stop token, never the padding a finished row keeps
-producing while the rest of its batch runs on. Both runs are warmed up with a short generation first.
+left-padded) and once with batch 1, in the same process (the batch-1 run in two halves, before and after
+the batched one). Throughput counts generated tokens only: each completion's tokens up to and including
+its stop token, never the padding a finished row keeps producing while the rest of its batch runs on.
+Both runs are warmed up with a short generation first.
 
     python benchmarks/bench_generation.py                   # smollm2-135m-instruct, 16 prompts, 64 new tokens
     python benchmarks/bench_generation.py --max-new-tokens 128 --repeats 2
@@ -42,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if min(args.prompts, args.batch_size, args.max_new_tokens, args.repeats) < 1:
         ap.error("--prompts, --batch-size, --max-new-tokens and --repeats must be >= 1")
+    if args.batch_size == 1:
+        ap.error("--batch-size 1 would compare batch 1 with itself; pass a larger batch size")
     return args
 
 
@@ -74,11 +77,16 @@ def main() -> None:
     for size, gen in generators.items():  # warm-up, untimed
         run(gen, prompts[:size], warm)
 
+    # The batch-1 run is split in two halves around the batched run, so that a load change on a shared
+    # machine during the benchmark hits both alike instead of only whichever runs second.
+    half = len(prompts) // 2
     seconds: dict[int, float] = {}
     completions: dict[int, list] = {}
     for _ in range(args.repeats):
-        for size, gen in generators.items():
-            took, outs = run(gen, prompts, decoding)
+        first, outs_first = run(generators[1], prompts[:half], decoding)
+        batched, outs_batched = run(generators[args.batch_size], prompts, decoding)
+        second, outs_second = run(generators[1], prompts[half:], decoding)
+        for size, took, outs in ((1, first + second, outs_first + outs_second), (args.batch_size, batched, outs_batched)):
             if took < seconds.get(size, math.inf):
                 seconds[size], completions[size] = took, outs
     load_after = load_line()
