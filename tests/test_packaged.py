@@ -54,7 +54,9 @@ def test_real_judge_prefers_a_correct_answer():
 
 
 def test_quickstart_end_to_end(tmp_path):
-    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--set", "rank.bootstrap=200"])
+    """The embedded default, shortened (8 instructions, 2 distillation steps) to fit CI; same code path."""
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--set", "rank.bootstrap=200",
+                                      "--set", "rank.limit=8", "--set", "distill.train.max_steps=2"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     results = json.loads((tmp_path / "qs" / "rank" / "results.json").read_text())
@@ -63,10 +65,19 @@ def test_quickstart_end_to_end(tmp_path):
                                                 "qwen2.5-coder-1.5b-instruct"}
     assert summary["ranking_by_car"] == [t["teacher"] for t in teachers]
     for t in teachers:
-        assert t["n"] == 20
+        assert t["n"] == 8
         assert 1 <= t["reward"] <= 10 and 0 < t["loss_student"] < 10
         assert t["car"] == pytest.approx(t["reward"] / (1 + results["beta"] * t["loss_student"]), rel=1e-9)
         assert math.isfinite(t["ifd_student"]) and math.isfinite(t["ppl_ref"])
     assert results["car_variant"] == "plain"  # judge ratings are positive
     assert any("no chat template" in n for n in results["notes"])  # Gemma-3-270M base
     assert (tmp_path / "qs" / "rank" / "report.html").stat().st_size > 20_000
+    # then the distillation phase: a half-depth SmolLM2 trained with logit + attention KD
+    distill = json.loads((tmp_path / "qs" / "distill" / "summary.json").read_text())
+    assert distill["student_layers"] == 15 and distill["steps"] == 2
+    assert distill["layer_map"]["14"] == 29 and len(distill["layer_map"]) == 15
+    first, last = distill["first"], distill["final"]
+    assert all(math.isfinite(first[k]) and first[k] > 0 for k in ("loss", "ce", "kd", "attn"))
+    assert first["loss"] == pytest.approx(first["ce"] * 0 + first["kd"] + first["attn"], rel=1e-6)  # lambda = 1
+    assert (tmp_path / "qs" / "distill" / "model" / "model.safetensors").exists()
+    assert "distill" in summary["seconds"]
