@@ -50,9 +50,8 @@ def tiny_tokenizer(vocab_size: int = 320, chat_template: bool = True) -> PreTrai
     return fast
 
 
-def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, layers: int = 2, hidden: int = 32):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
+def _tiny_config(cls, tokenizer, *, layers: int, hidden: int, **extra):
+    return cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -62,26 +61,20 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, layers: int = 
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
+        **extra,
     )
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, layers: int = 2, hidden: int = 32):
+    torch.manual_seed(seed)
+    cfg = _tiny_config(LlamaConfig, tokenizer, layers=layers, hidden=hidden, bos_token_id=None,
+                       tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, seed: int = 1, layers: int = 2, hidden: int = 32):
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    cfg = _tiny_config(Qwen2Config, tokenizer, layers=layers, hidden=hidden, tie_word_embeddings=True)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
