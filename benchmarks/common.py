@@ -9,11 +9,24 @@ import torch
 import transformers
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def machine_line() -> str:
     """One line saying what the numbers were measured on (recorded next to every table)."""
     return (
-        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+        f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()} kernels), "
+        f"transformers {transformers.__version__}"
     )
 
 
