@@ -10,9 +10,10 @@ checkpointing anywhere. Data: the quickstart's SmolLM2 responses tokenized with 
    truncated and right-padded to that length). teacherfit runs the body of ``distill.train.train``
    (``OnlineTeacher`` + ``DistillModule`` with kd.lambda=1, kd.w_attn=0, loss = sums / response tokens,
    backward, clip 1.0, AdamW); TRL runs ``GKDTrainer.train()`` with bf16 and gradient checkpointing off.
-   Tokens/s counts real (non-pad) tokens over the measured steps; both see the same batch at each step, and
-   the verdict compares the fastest step of each (the estimate least disturbed by other processes on a shared
-   machine; the mean is printed too). Targets: >= 1.3x TRL tokens/s, <= 0.6x TRL peak-memory increment.
+   Speed: both run in ONE process, alternating step by step on the same batch (each teacherfit variant on
+   its own copy of the student), so other jobs on a shared machine slow both alike; tokens/s counts real
+   (non-pad) tokens, and the verdict is the median over steps of TRL's step time / teacherfit's. Memory:
+   each trainer alone in a fresh process. Targets: >= 1.3x TRL tokens/s, <= 0.6x TRL peak-memory increment.
 2. **teacherfit vs naive full-logit KD**: the memory of one forward + backward of the KD loss. Naive =
    ``student(...).logits`` and ``teacher(...).logits`` (full [B, T, V] fp32) + ``losses.forward_kl``;
    teacherfit = ``DistillModule`` (``chunked_head_losses``). Over sequence lengths at the real vocabulary
