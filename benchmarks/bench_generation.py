@@ -8,7 +8,7 @@ its stop token, never the padding a finished row keeps producing while the rest 
 Both runs are warmed up with a short generation first.
 
     python benchmarks/bench_generation.py                   # smollm2-135m-instruct, 16 prompts, 64 new tokens
-    python benchmarks/bench_generation.py --max-new-tokens 128 --repeats 2
+    python benchmarks/bench_generation.py --max-new-tokens 128 --repeats 3
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
                     help="prompts generated for: the 20 quickstart instructions, cycled past 20 (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call when batched (default: %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per prompt (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=1,
+    ap.add_argument("--repeats", type=int, default=2,
                     help="timed rounds of both runs; the fastest of each is kept (default: %(default)s)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
