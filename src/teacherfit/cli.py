@@ -6,6 +6,7 @@ the few everyday fields also have their own flags. ``--help`` on each command is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from teacherfit.config import (
     ConfigError,
     CorrelateConfig,
     DistillConfig,
+    EvaluateConfig,
     GenerateConfig,
     QuickstartConfig,
     RankConfig,
@@ -155,6 +157,26 @@ def cache_teacher(
 
     data = _training_data(responses)
     _run(run_cache_teacher, CacheTeacherConfig, config, overrides, teacher=teacher, data=data, out=out)
+
+
+@app.command()
+def evaluate(
+    config: Optional[Path] = ConfigOpt,
+    student: Optional[str] = typer.Option(None, help="Student model (transformers backend): hub id, folder, .gguf or packaged name."),
+    judge: Optional[str] = typer.Option(None, help="Local judge model (transformers backend); for an API judge use --set judge=..."),
+    reference: Optional[Path] = typer.Option(None, help="Response set of the reference model for the pairwise win rate."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """MT-Bench grades and pairwise win rates (both orders, length-controlled) of a student; writes report.html."""
+    from teacherfit.pipelines.evaluate import run_evaluate
+
+    if reference is not None:  # an override, so that the file's other pairwise settings stay
+        ref = {"name": "reference", "backend": "file", "responses": str(reference.resolve())}
+        overrides = [f"pairwise.reference={json.dumps(ref)}", *overrides]
+    result = _run(run_evaluate, EvaluateConfig, config, overrides, student=student and {"model": student},
+                  judge=judge and {"model": judge}, out=out)
+    console.print(f"report: {result.run_dir / 'report.html'}")
 
 
 @app.command()

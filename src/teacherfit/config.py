@@ -223,6 +223,62 @@ class QuickstartConfig(Strict):
     out: Path | None = None
 
 
+class MTBenchOptions(Strict):
+    """MT-Bench: two-turn questions, single-answer grading 1-10 (reference-guided for math, reasoning, coding)."""
+
+    enabled: bool = True
+    questions: Path | None = Field(None, description="question.jsonl in MT-Bench's format; default: the packaged 80.")
+    reference_answers: Path | None = Field(
+        None, description="Reference answers in FastChat's answer format; default: the packaged GPT-4 answers.")
+    judge_prompts: Path | None = Field(None, description="FastChat judge_prompts.jsonl; default: the packaged one.")
+    categories: list[str] | None = Field(None, description="Keep only these categories.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N questions (after the category filter).")
+
+
+class PairwiseOptions(Strict):
+    """Win rate against a reference model's answers, judged in both orders; length-controlled too."""
+
+    enabled: bool = True
+    instructions: Path | None = Field(
+        None, description="Instruction set (any format `generate` reads); default: the MT-Bench questions' first turns.")
+    reference: TeacherConfig | None = Field(
+        None, description="The reference answers: a response set (backend: file) or a model to generate them.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N instructions.")
+
+
+class EvaluateConfig(Strict):
+    student: TeacherConfig = Field(description="The model under evaluation (any `generate` backend); name defaults to 'student'.")
+    judge: TeacherConfig = Field(
+        TeacherConfig(name="judge", model="qwen2.5-coder-0.5b-instruct"),
+        description="Judge: a local causal LM (backend transformers/vllm, generating its verdict) or an "
+        "OpenAI-compatible endpoint (backend openai), the GPT-4-class judges MT-Bench and AlpacaEval use.")
+    decoding: DecodingConfig = Field(DecodingConfig(max_new_tokens=512), description="Student (and reference model) answers.")
+    judge_decoding: DecodingConfig = Field(DecodingConfig(max_new_tokens=512), description="Judge outputs (greedy).")
+    mtbench: MTBenchOptions = MTBenchOptions()
+    pairwise: PairwiseOptions = PairwiseOptions()
+    reward: RewardConfig | None = Field(
+        None, description="Reward-model win rate of the student against the pairwise reference (off when unset).")
+    heldout: Path | None = Field(
+        None, description="Response set for the student's held-out loss; default: the pairwise reference answers.")
+    heldout_loss: bool = Field(True, description="Score the held-out loss (in-process students only).")
+    max_length: int = Field(2048, ge=16, description="Tokens per held-out example.")
+    max_prompt_tokens: int = Field(4096, ge=8, description="Longer student/judge prompts are counted and not generated.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals (0 = none).")
+    seed: int = 0
+    on_error: Literal["stop", "skip"] = "stop"
+    models: ModelOptions = ModelOptions()
+    out: Path | None = None
+
+    @field_validator("student", "judge", mode="before")
+    @classmethod
+    def _default_names(cls, v: Any, info) -> Any:
+        if isinstance(v, str):  # a bare model spec
+            v = {"model": v}
+        if isinstance(v, dict) and "name" not in v:
+            v = {**v, "name": info.field_name}
+        return v
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -276,7 +332,7 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
 
 
 _PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "outcomes", "out", "best_of_rank",
-              "teacher_cache"}
+              "teacher_cache", "questions", "reference_answers", "judge_prompts", "heldout"}
 
 
 def _resolve_relative_paths(data: Any, base: Path) -> Any:

@@ -189,6 +189,33 @@ def plot_lines(series: dict[str, tuple[list, list]], *, title: str, xlabel: str,
     return figure_to_data_uri(fig)
 
 
+def plot_grouped_bars(labels: list[str], series: dict[str, list], *, title: str, ylabel: str,
+                      ylim: tuple[float, float] | None = None) -> str:
+    """Bars per label, one colour per named series (e.g. MT-Bench score per category and turn).
+
+    A missing value (None or nan) leaves its bar out rather than drawing it as 0.
+    """
+    fig, ax = _new_figure(max(6.0, 0.9 * len(labels) + 2.0), 4.0)
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        heights = np.array([_as_float(v) for v in values])
+        positions = x + (k - (len(series) - 1) / 2) * width
+        ok = np.isfinite(heights)
+        ax.bar(positions[ok], heights[ok], width, label=name, alpha=0.85)
+        for xi in positions[~ok]:
+            ax.text(xi, 0.05, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="#5b6475")
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    if series:
+        ax.legend(loc="best", fontsize=8)
+    return figure_to_data_uri(fig)
+
+
 def _format_cell(value, float_fmt: str) -> tuple[str, bool]:
     """``(escaped text, is_numeric)`` for one table cell; None shows as an empty cell."""
     if value is None:

@@ -73,3 +73,89 @@ def distill_report(summary: dict[str, Any], log: list[dict]) -> R.Report:
         rep.add_table(log[-10:], ["step", "loss", "ce", "kd", "attn", "lr", "grad_norm", "tokens"],
                       caption="Last logged steps")
     return rep
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+def evaluate_report(results: dict[str, Any], mtbench_rows: list[dict], pair_items: list[dict]) -> R.Report:
+    judge = results["judge"]
+    rep = R.Report("teacherfit evaluate", f"student {results['student'].get('model') or results['student'].get('name')}, "
+                                          f"judge {judge.get('model') or judge['id']}")
+    rep.add_kv({"student": results["student"], "judge": judge, "judge prompts": results["judge_prompts"],
+                "judgments": results["judgments"]})
+    for note in results["notes"]:
+        rep.add_note(note)
+    signals = []
+    if "mtbench" in results:
+        o = results["mtbench"]["overall"]
+        signals.append({"signal": "MT-Bench score (1-10)", "value": o["score"], "low": o["low"], "high": o["high"],
+                        "n": o["n"], "unparsed": o["unparsed"]})
+    if "pairwise" in results:
+        pw = results["pairwise"]
+        signals.append({"signal": "win rate vs reference", **{k: pw["win_rate"][k] for k in ("low", "high", "n")},
+                        "value": pw["win_rate"]["win_rate"], "unparsed": pw["unparsed_items"]})
+        signals.append({"signal": "length-controlled win rate", "value": pw["lc_win_rate"]["lc_win_rate"],
+                        "low": pw["lc_win_rate"]["low"], "high": pw["lc_win_rate"]["high"],
+                        "n": pw["lc_win_rate"]["n"], "unparsed": pw["unparsed_items"]})
+    if "reward_win_rate" in results:
+        rw = results["reward_win_rate"]
+        signals.append({"signal": "reward-model win rate", "value": rw["win_rate"], "low": rw["low"],
+                        "high": rw["high"], "n": rw["n"], "unparsed": rw["unparsed"]})
+    if "heldout_loss" in results:
+        ho = results["heldout_loss"]
+        signals.append({"signal": "held-out loss (nats/token)", "value": ho["mean"], "low": ho["low"],
+                        "high": ho["high"], "n": ho["n"], "unparsed": 0})
+    rep.add_heading("Summary")
+    rep.add_table(signals, ["signal", "value", "low", "high", "n", "unparsed"],
+                  caption="Every signal with its 95% bootstrap interval; unparsed judgments are counted, never scored")
+
+    if "mtbench" in results:
+        mt = results["mtbench"]
+        rep.add_heading("MT-Bench")
+        rep.add_paragraph(f"{mt['questions']} questions from {mt['source']}; single-answer grading 1-10, turn 2 judged "
+                          f"with the whole conversation; {mt['reference_guided']} questions (math, reasoning, coding) "
+                          "graded against reference answers.")
+        cats = mt["categories"]
+        rep.add_table(cats + [{"category": "overall", **mt["overall"]}],
+                      ["category", "score", "turn1", "turn2", "n", "unparsed"], caption="MT-Bench score per category")
+        rep.add_image(R.plot_grouped_bars([c["category"] for c in cats],
+                                          {"turn 1": [c["turn1"] for c in cats], "turn 2": [c["turn2"] for c in cats],
+                                           "mean": [c["score"] for c in cats]},
+                                          title="MT-Bench score per category", ylabel="score (1-10)", ylim=(0, 10)),
+                      alt="MT-Bench score per category")
+        rep.add_table(mtbench_rows[:16], ["item", "category", "turn", "prompt", "verdict", "status", "output"],
+                      caption="Judgments (first 16; all in mtbench.parquet and judgments.jsonl)")
+
+    if "pairwise" in results:
+        pw = results["pairwise"]
+        rep.add_heading("Pairwise win rate against the reference")
+        rep.add_paragraph(
+            "Each pair is judged twice, the student as assistant A and then as B. An item counts 1 when the student "
+            "wins in both orders, 0 when it loses in both, 0.5 otherwise. The length-controlled win rate fits "
+            "p(win) = sigmoid(theta + phi * tanh(d / sd(d))), d = student minus reference length in characters, and "
+            "reports sigmoid(theta): the win rate at equal length (AlpacaEval 2).")
+        rows = [{"metric": "win rate", "value": _interval(pw["win_rate"]["win_rate"], pw["win_rate"]["low"], pw["win_rate"]["high"])},
+                {"metric": "length-controlled win rate",
+                 "value": _interval(pw["lc_win_rate"]["lc_win_rate"], pw["lc_win_rate"]["low"], pw["lc_win_rate"]["high"])},
+                {"metric": "wins / ties / losses",
+                 "value": f"{pw['win_rate']['wins']} / {pw['win_rate']['ties']} / {pw['win_rate']['losses']}"},
+                {"metric": "length coefficient phi", "value": f"{pw['lc_win_rate']['phi']:.3f}"},
+                {"metric": "mean length difference (chars)", "value": f"{pw['mean_length_diff']:.1f}"},
+                {"metric": "same outcome in both orders", "value": f"{pw['order_consistency']:.3f}"},
+                {"metric": "verdicts for the first position (A)", "value": f"{pw['first_position_rate']:.3f}"},
+                {"metric": "items / unparsed items", "value": f"{pw['items']} / {pw['unparsed_items']}"}]
+        if "reward_win_rate" in results:
+            rw = results["reward_win_rate"]
+            rows.append({"metric": "reward-model win rate", "value": _interval(rw["win_rate"], rw["low"], rw["high"])})
+        rep.add_table(rows, ["metric", "value"], caption="Win rates with 95% bootstrap intervals")
+        rep.add_image(R.plot_grouped_bars(["win rate", "LC win rate"] + (["reward win rate"] if "reward_win_rate" in results else []),
+                                          {"student vs reference": [pw["win_rate"]["win_rate"], pw["lc_win_rate"]["lc_win_rate"]]
+                                           + ([results["reward_win_rate"]["win_rate"]] if "reward_win_rate" in results else [])},
+                                          title="Win rates against the reference", ylabel="win rate", ylim=(0, 1)),
+                      alt="win rates")
+        rep.add_table(pair_items[:20], ["id", "category", "verdict_ab", "verdict_ba", "outcome", "student_chars",
+                                        "reference_chars"], caption="Pairwise items (first 20; all in pairwise.parquet)")
+    return rep
