@@ -4,6 +4,7 @@ import pytest
 
 from teacherfit.config import (
     ConfigError,
+    EvaluateConfig,
     GenerateConfig,
     QuickstartConfig,
     RankConfig,
@@ -73,7 +74,7 @@ def test_run_dir_holds_resolved_config_and_is_stable(tmp_path, monkeypatch):
 )
 def test_every_example_config_parses(path):
     name = path.name
-    cls = {"quickstart.yaml": QuickstartConfig, "generate.yaml": GenerateConfig}.get(name)
+    cls = {"quickstart.yaml": QuickstartConfig, "generate.yaml": GenerateConfig, "evaluate.yaml": EvaluateConfig}.get(name)
     if cls is None:
         cls = GenerateConfig if name.startswith("generate") else RankConfig if name.startswith("rank") else None
     if cls is None:

@@ -1,0 +1,85 @@
+"""A real `evaluate` report rendered in headless Chromium: every table there, no broken image, a screenshot.
+
+Chromium comes from Debian's packages (``make test`` installs it when it can); where it is missing the test
+skips and says so. The screenshot is written to the test's tmp dir and copied to
+``build/test-artifacts/`` (or ``$TEACHERFIT_ARTIFACTS``) for the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from browser import HeadlessChromium, find_chromium
+from teacherfit.cli import app
+from teacherfit.data import Record
+from test_evaluate import QUESTIONS, REFERENCE_LENGTHS, evaluate_args, scripted_judge
+from test_rewards import scripted_server
+from tiny import save_tiny, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = find_chromium()
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not found (apt-get install chromium, or set TEACHERFIT_CHROMIUM); "
+                             "`make test` installs it when it runs as root")
+
+# Everything the page shows about itself, read in the browser once every image has been decoded.
+PAGE_FACTS = """
+Promise.all([...document.images].map(img => img.decode().catch(() => null))).then(() => ({
+  title: document.title,
+  tables: [...document.querySelectorAll('table')].map(t => ({
+    caption: t.caption ? t.caption.textContent : null, rows: t.rows.length})),
+  images: [...document.images].map(img => ({
+    alt: img.alt, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight})),
+  external: performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:')),
+  height: document.documentElement.scrollHeight,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluate_report(tmp_path_factory, tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("browser")
+    student = save_tiny(tiny_llama(tokenizer, seed=4), tokenizer, root / "student")
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    rows = [Record.from_messages([{"role": "user", "content": q["turns"][0]}]).with_response("r" * n).to_row()
+            for q, n in zip(QUESTIONS, REFERENCE_LENGTHS)]
+    (root / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with scripted_server(scripted_judge) as (base_url, _):
+        result = CliRunner().invoke(app, evaluate_args(root, student, base_url, root / "run"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return root / "run" / "report.html"
+
+
+def test_evaluate_report_renders_in_headless_chromium(evaluate_report, tmp_path):
+    html = evaluate_report.read_text()
+    expected_tables = html.count("<table")
+    with HeadlessChromium(CHROMIUM) as browser:
+        page = browser.open(evaluate_report.resolve().as_uri())
+        facts = browser.evaluate(page, PAGE_FACTS)
+        shot = browser.screenshot(page, tmp_path / "evaluate-report.png")
+
+    assert facts["title"] == "teacherfit evaluate"
+    # every table of the file is in the rendered page, with its caption and a header row plus data
+    assert len(facts["tables"]) == expected_tables >= 5
+    captions = [t["caption"] for t in facts["tables"]]
+    for caption in ("MT-Bench score per category", "Win rates with 95% bootstrap intervals"):
+        assert caption in captions
+    assert all(t["rows"] >= 2 for t in facts["tables"])
+    # no broken image: each embedded plot decoded to real pixels
+    assert len(facts["images"]) == 2
+    for image in facts["images"]:
+        assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
+    assert facts["external"] == []  # self-contained: nothing fetched from anywhere
+
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    artifacts = Path(os.environ.get("TEACHERFIT_ARTIFACTS", REPO / "build" / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artifacts / "evaluate-report.png")
