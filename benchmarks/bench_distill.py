@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="teacherfit kd.head_chunk (default: KDConfig's default)")
     ap.add_argument("--extra-head-chunks", type=int, nargs="*", default=[],
                     help="part 1: also run teacherfit with these kd.head_chunk values (default: none)")
+    ap.add_argument("--compare-checkpointed", action="store_true",
+                    help="part 1: also run teacherfit's checkpointed head path (kd.fused_head=false) side by side")
     ap.add_argument("--kd-batch", type=int, default=2, help="part 2 batch size, real models (default: %(default)s)")
     ap.add_argument("--kd-seq-lens", type=int, nargs="+", default=[256, 512, 1024],
                     help="part 2 sequence lengths at the real vocabulary (default: %(default)s)")
@@ -244,13 +246,13 @@ def packed_batch(args, tokenizer, batch: int, seq_len: int):
     return Micro([str(i) for i in range(batch)], ids, torch.ones_like(ids), labels)
 
 
-def kd_module(args, student, head_chunk: int | None = None):
+def kd_module(args, student, head_chunk: int | None = None, fused: bool = True):
     from teacherfit.config import KDConfig
     from teacherfit.distill.train import DistillModule
 
     head_chunk = head_chunk or args.head_chunk
     kd = KDConfig(**{"lambda": 1.0, "w_attn": 0.0, "w_pred": 1.0, "divergence": "forward_kl", "temperature": 1.0,
-                     **({"head_chunk": head_chunk} if head_chunk else {})})
+                     "head_chunk": head_chunk, "fused_head": fused})
     return DistillModule(student, kd, vocab=None, layer_map=None, capture=None), kd
 
 
@@ -259,8 +261,8 @@ def teacherfit_loss(module, kd, teacher, micro):
     n = micro.loss_tokens
     signal = teacher(micro)
     sums = module(micro.input_ids, micro.attention_mask, micro.labels, **signal)
-    ce, kl = sums["ce_sum"] / n, sums["kd_sum"] / n
-    return (1 - kd.lambda_) * ce + kd.lambda_ * kd.w_pred * kl, kl
+    # loss_sum = (1 - lambda) * ce_sum + lambda * w_pred * kd_sum
+    return sums["loss_sum"] / n, sums["kd_sum"] / n
 
 
 def model_shapes(teacher, student) -> dict:
@@ -291,16 +293,17 @@ def batch_counts(micros) -> dict:
 class TeacherfitStepper:
     """teacherfit's optimizer step (the body of distill.train.train, without accelerate), one batch at a time."""
 
-    def __init__(self, args, teacher_model, student, head_chunk: int | None = None):
-        from teacherfit.distill.train import OnlineTeacher
+    def __init__(self, args, teacher_model, student, head_chunk: int | None = None, fused: bool = True):
+        from teacherfit.distill.train import OnlineTeacher, make_optimizer
 
         cpu = torch.device("cpu")
-        self.module, self.kd = kd_module(args, student, head_chunk)
+        self.module, self.kd = kd_module(args, student, head_chunk, fused)
+        self.chunk = self.kd.chunk_for(student.get_output_embeddings().weight.shape[0])
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        self.optimizer = make_optimizer([{"params": decay, "weight_decay": 0.0},
+                                         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
         self.teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
         self.step_s, self.kd_loss = [], []
 
@@ -315,8 +318,8 @@ class TeacherfitStepper:
         self.kd_loss.append(float(kl.detach()))
 
     def result(self) -> dict:
-        return {"step_s": self.step_s, "kd_loss": self.kd_loss, "head_chunk": self.kd.head_chunk,
-                "optimizer": "torch.optim.AdamW (defaults, weight_decay 0)"}
+        return {"step_s": self.step_s, "kd_loss": self.kd_loss, "head_chunk": self.chunk, "fused": self.kd.fused_head,
+                "optimizer": f"torch.optim.AdamW (fused={self.optimizer.defaults.get('fused')}, weight_decay 0)"}
 
 
 def run_trl(args, teacher_model, student, tok, micros, between=None) -> dict:
@@ -379,8 +382,10 @@ def child_speed(args) -> dict:
     """
     teacher_model, tok = load_teacher(args)
     micros = fixed_batches(args, tok, args.warmup + args.steps)
-    chunks = [args.head_chunk, *args.extra_head_chunks]
-    steppers = [TeacherfitStepper(args, teacher_model, load_student(args), c) for c in chunks]
+    variants = [(c, True) for c in [args.head_chunk, *args.extra_head_chunks]]
+    if args.compare_checkpointed:
+        variants.append((args.head_chunk, False))
+    steppers = [TeacherfitStepper(args, teacher_model, load_student(args), c, f) for c, f in variants]
 
     matmul: list[float] = []
 
@@ -441,7 +446,8 @@ def child_kd(args, naive: bool) -> dict:
             loss, kl = teacherfit_loss(module, kd, teacher, micro)
         loss.backward()
     return {"seconds": time.perf_counter() - start, "kd_loss": float(kl.detach()), **mem.result(),
-            "tokens": micro.input_ids.numel(), "loss_tokens": micro.loss_tokens}
+            "tokens": micro.input_ids.numel(), "loss_tokens": micro.loss_tokens,
+            "vocab": student.get_output_embeddings().weight.shape[0]}
 
 
 def child_head(args, naive: bool) -> dict:
@@ -457,7 +463,7 @@ def child_head(args, naive: bool) -> dict:
     hidden = torch.randn(b, t, d, requires_grad=True)
     teacher_hidden = torch.randn(b, t, d)
     labels = torch.randint(0, vocab, (b, t))
-    chunk = args.head_chunk or KDConfig().head_chunk
+    chunk = KDConfig(head_chunk=args.head_chunk).chunk_for(vocab)
     start = time.perf_counter()
     with PeakRSS() as mem:
         if naive:
@@ -466,10 +472,10 @@ def child_head(args, naive: bool) -> dict:
                 t_logits = teacher_head(teacher_hidden)
             loss = forward_kl(s_logits, t_logits, labels)
         else:
-            # as DistillModule calls it (CE included); loss = kd_sum / n
+            # as DistillModule calls it at kd.lambda = 1 (CE logged, without gradient); loss = loss_sum / n
             sums = chunked_head_losses(hidden, student_head, labels, teacher_hidden=teacher_hidden,
-                                       teacher_head=teacher_head, chunk_size=chunk)
-            loss = sums["kd_sum"] / sums["n_tokens"]
+                                       teacher_head=teacher_head, chunk_size=chunk, kd_weight=1.0, ce_weight=0.0)
+            loss = sums["loss_sum"] / sums["n_tokens"]
         loss.backward()
     return {"seconds": time.perf_counter() - start, "kd_loss": float(loss.detach()), **mem.result(),
             "tokens": b * t, "head_chunk": chunk}
@@ -499,6 +505,8 @@ def spawn(args, only: str, cell: dict | None = None, head_chunk: int | None = No
                "--head-seq-len", str(args.head_seq_len), "--mem-steps", str(args.mem_steps)]
     if args.extra_head_chunks:
         forward += ["--extra-head-chunks", *map(str, args.extra_head_chunks)]
+    if args.compare_checkpointed:
+        forward.append("--compare-checkpointed")
     if args.data:
         forward += ["--data", str(args.data)]
     if head_chunk:
@@ -545,8 +553,9 @@ def step_flops(shapes: dict, batch: int, seq_len: int, loss_tokens: float) -> di
     - attention scores (QK^T and AV), causal: 2 * 2 * width * (t + 1) at position t, i.e. on average
       2 * width * (T + 1) per position per layer; x3 for the student (backward), x1 for the teacher;
     - LM heads on loss tokens only (what teacherfit evaluates): student 6 * d * V (forward + backward),
-      teacher 2 * d * V. The checkpointed chunks recompute both heads' forwards in backward:
-      4 * d * V per loss token more, reported separately as ``recompute``.
+      teacher 2 * d * V. The fused head path computes each once; the checkpointed path (kd.fused_head
+      false) recomputes both heads' forwards in backward: 4 * d * V per loss token more, reported
+      separately as ``recompute (checkpointed path only)``.
     """
     positions = batch * seq_len
     attn_per_pos_layer = 2 * shapes["attn_width"] * (seq_len + 1)
@@ -558,7 +567,7 @@ def step_flops(shapes: dict, batch: int, seq_len: int, loss_tokens: float) -> di
         "heads": 8 * dv * loss_tokens,
     }
     parts["useful"] = sum(parts.values())
-    parts["recompute"] = 4 * dv * loss_tokens
+    parts["recompute (checkpointed path only)"] = 4 * dv * loss_tokens
     return parts
 
 
@@ -602,8 +611,9 @@ def part1(args, out: dict) -> dict | None:
     real, loss_tok = speed["real_tokens"][w:], speed["loss_tokens"][w:]
     runs = {"trl": speed["trl"]}
     for r in speed["teacherfit"]:
-        default = r["head_chunk"] == speed["teacherfit"][0]["head_chunk"] and "teacherfit" not in runs
-        runs["teacherfit" if default else f"teacherfit (head_chunk {r['head_chunk']})"] = r
+        name = ("teacherfit" if "teacherfit" not in runs
+                else f"teacherfit (head_chunk {r['head_chunk']}{'' if r['fused'] else ', checkpointed'})")
+        runs[name] = r
     trl_steps = speed["trl"]["step_s"][w:]
     rows = []
     for name, r in runs.items():
@@ -657,7 +667,8 @@ def part2(args, out: dict) -> None:
     for seq in args.kd_seq_lens:
         naive, tf = spawn(args, "kd-naive", {"seq": seq}), spawn(args, "kd-teacherfit", {"seq": seq})
         cells.append({"seq": seq, "naive": naive, "teacherfit": tf})
-        rows.append(_kd_row(f"{args.kd_batch} x {seq}", naive, tf, extra={"V": "49,152 (real)"}))
+        vocab = tf.get("vocab", naive.get("vocab", "?"))
+        rows.append(_kd_row(f"{args.kd_batch} x {seq}", naive, tf, extra={"V": f"{vocab:,} (real)"}))
     out["part2_seq"] = cells
     show(rows, ["B x T", "V", "loss tokens", "naive incr.", "teacherfit incr.", "ratio", "naive s", "teacherfit s",
                 "KD loss naive / tf"], args,
@@ -754,8 +765,9 @@ def part3(args, out: dict, tf: dict | None, peak: float) -> None:
         rate = (flops["useful"] + extra) / seconds / 1e9
         return {"measure": label, "s/step": f"{seconds:.2f}", "GFLOP/s": rate, "of fp32 matmul peak": f"{rate / peak:.1%}"}
 
-    rows = [row("teacherfit step, mean", secs), row("teacherfit step, fastest", fastest),
-            row("  fastest, counting the head recompute", fastest, flops["recompute"])]
+    rows = [row("teacherfit step, mean", secs), row("teacherfit step, fastest", fastest)]
+    if not tf.get("fused", True):
+        rows.append(row("  fastest, counting the head recompute", fastest, flops["recompute (checkpointed path only)"]))
     trl_steps = tf.get("trl_step_s", [])[w:]
     if trl_steps:
         rows += [row("TRL GKD step, mean (same useful FLOPs)", sum(trl_steps) / len(trl_steps)),

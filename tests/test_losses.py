@@ -527,9 +527,10 @@ def grads_of(loss, hidden, head):
     return torch.autograd.grad(loss, [hidden, head.weight])
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 @pytest.mark.parametrize("teacher_kind", ["hidden", "topk", "none"])
-def test_chunked_matches_plain_path(chunk_size, teacher_kind):
+def test_chunked_matches_plain_path(chunk_size, teacher_kind, fused):
     hidden, head, t_hidden, t_head, labels = head_setup()
     tau = 2.0
     kwargs = {}
@@ -544,19 +545,22 @@ def test_chunked_matches_plain_path(chunk_size, teacher_kind):
         ref_teacher = (top.indices, top.values)
     else:
         ref_teacher = None
-    out = chunked_head_losses(hidden, head, labels, temperature=tau, chunk_size=chunk_size, **kwargs)
+    out = chunked_head_losses(hidden, head, labels, temperature=tau, chunk_size=chunk_size,
+                              kd_weight=0.7, ce_weight=1.0, fused=fused, **kwargs)
     kd, ce, n = plain_sums(hidden, head, labels, ref_teacher, "forward_kl", tau)
     assert out["n_tokens"] == n == 10
     assert out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-6)
     assert out["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-5)
-    loss_c = out["ce_sum"] + 0.7 * out["kd_sum"]
+    loss_c = out["loss_sum"]
     loss_p = ce + 0.7 * kd
+    assert loss_c.item() == pytest.approx(loss_p.item(), rel=1e-5)
     for got, want in zip(grads_of(loss_c, hidden, head), grads_of(loss_p, hidden, head)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("divergence", ["reverse_kl", "generalized_jsd", "skew_kl", "tvd"])
-def test_chunked_other_divergences_and_softcap(divergence):
+def test_chunked_other_divergences_and_softcap(divergence, fused):
     hidden, head, t_hidden, t_head, labels = head_setup(seed=9)
     kw = DIV_KWARGS[divergence]
     out = chunked_head_losses(
@@ -570,6 +574,7 @@ def test_chunked_other_divergences_and_softcap(divergence):
         chunk_size=3,
         softcap=5.0,
         teacher_softcap=4.0,
+        fused=fused,
     )
     with torch.no_grad():
         t_logits = t_head(t_hidden)
@@ -579,30 +584,32 @@ def test_chunked_other_divergences_and_softcap(divergence):
     assert out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-6)
     assert out["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-5)
     for got, want in zip(
-        grads_of(out["kd_sum"] + out["ce_sum"], hidden, head), grads_of(kd + ce, hidden, head)
+        grads_of(out["loss_sum"], hidden, head), grads_of(kd + ce, hidden, head)
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_only_response_positions_get_gradient():
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_only_response_positions_get_gradient(fused):
     hidden, head, t_hidden, t_head, labels = head_setup()
     out = chunked_head_losses(
-        hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=4
+        hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=4, fused=fused
     )
-    (grad,) = torch.autograd.grad(out["kd_sum"] + out["ce_sum"], hidden)
+    (grad,) = torch.autograd.grad(out["loss_sum"], hidden)
     masked = labels == -100
     assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
     assert (grad[~masked].abs().sum(-1) > 0).all()
 
 
-def test_chunked_no_masked_tokens_gives_zeros_with_working_backward():
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_no_masked_tokens_gives_zeros_with_working_backward(fused):
     hidden, head, t_hidden, t_head, _ = head_setup()
     labels = torch.full((2, 7), -100)
     for kwargs in ({"teacher_hidden": t_hidden, "teacher_head": t_head}, {}):
-        out = chunked_head_losses(hidden, head, labels, chunk_size=3, **kwargs)
+        out = chunked_head_losses(hidden, head, labels, chunk_size=3, fused=fused, **kwargs)
         assert out["n_tokens"] == 0
-        assert out["kd_sum"].item() == 0.0 and out["ce_sum"].item() == 0.0
-        g_hidden, g_weight = grads_of(out["kd_sum"] + out["ce_sum"], hidden, head)
+        assert out["kd_sum"].item() == 0.0 and out["ce_sum"].item() == 0.0 and out["loss_sum"].item() == 0.0
+        g_hidden, g_weight = grads_of(out["loss_sum"], hidden, head)
         assert torch.equal(g_hidden, torch.zeros_like(hidden))
         assert torch.equal(g_weight, torch.zeros_like(head.weight))
 
@@ -622,7 +629,10 @@ def test_chunked_validation():
         chunked_head_losses(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=nn.Linear(DT, V + 1))
 
 
-def test_chunked_never_saves_full_logits_for_backward():
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_never_keeps_vocabulary_sized_tensors_for_backward(fused):
+    import weakref
+
     g = torch.Generator().manual_seed(10)
     n, d, v, chunk = 64, 16, 5000, 8
     hidden = torch.randn(1, n, d, generator=g, requires_grad=True)
@@ -630,20 +640,21 @@ def test_chunked_never_saves_full_logits_for_backward():
     t_head = nn.Linear(d, v, bias=False)
     t_hidden = torch.randn(1, n, d, generator=g)
     labels = torch.randint(0, v, (1, n), generator=g)
-    sizes = []
+    saved = []
 
     def pack(x):
-        sizes.append(x.numel())
+        saved.append(weakref.ref(x))
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         out = chunked_head_losses(
-            hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=chunk
+            hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=chunk, fused=fused
         )
-    assert sizes, "the hook saw no saved tensors"
-    assert max(sizes) < n * v
-    assert max(sizes) < chunk * v  # not even one chunk's logits: they are recomputed in backward
-    (out["kd_sum"] + out["ce_sum"]).backward()
+    assert saved, "the hook saw no saved tensors"
+    # what the graph still holds once forward has returned (the fused path's per-chunk graphs are gone)
+    kept = [t.numel() for ref in saved if (t := ref()) is not None and t.numel() > 0]
+    assert max(kept, default=0) < chunk * v  # not even one chunk's logits
+    out["loss_sum"].backward()
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.weight.grad).all()
 
 
@@ -658,3 +669,83 @@ def test_chunked_without_ce_and_under_no_grad():
         evaluated = chunked_head_losses(hidden, head, labels, chunk_size=3, **teacher)
     assert evaluated["kd_sum"].item() == pytest.approx(full["kd_sum"].item(), rel=1e-6)
     assert evaluated["ce_sum"].item() == pytest.approx(full["ce_sum"].item(), rel=1e-6)
+
+
+def test_fused_head_handles_bias_frozen_weight_and_padded_rows():
+    """Bias gradients; a frozen head (LoRA-style) gets none; VocabHead's kept rows only; no_grad falls back."""
+    from teacherfit.distill.train import VocabHead
+
+    hidden, _, t_hidden, t_head, labels = head_setup(seed=4)
+    g = torch.Generator().manual_seed(5)
+    head = nn.Linear(hidden.shape[-1], V, bias=True)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(V, generator=g))
+    teacher = {"teacher_hidden": t_hidden, "teacher_head": t_head}
+    fused = chunked_head_losses(hidden, head, labels, chunk_size=4, kd_weight=0.3, ce_weight=0.5, **teacher)
+    plain = chunked_head_losses(hidden, head, labels, chunk_size=4, kd_weight=0.3, ce_weight=0.5, fused=False,
+                                **teacher)
+    params = [hidden, head.weight, head.bias]
+    for got, want in zip(torch.autograd.grad(fused["loss_sum"], params), torch.autograd.grad(plain["loss_sum"], params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    head.requires_grad_(False)
+    out = chunked_head_losses(hidden, head, labels, chunk_size=4, **teacher)
+    (g_hidden,) = torch.autograd.grad(out["loss_sum"], hidden)
+    (want,) = torch.autograd.grad(chunked_head_losses(hidden, head, labels, chunk_size=4, fused=False,
+                                                      **teacher)["loss_sum"], hidden)
+    torch.testing.assert_close(g_hidden, want, rtol=1e-5, atol=1e-6)
+    head.requires_grad_(True)
+
+    # padded vocabulary: a head with 3 extra rows, restricted to V; the extra rows get no gradient
+    wide = nn.Linear(hidden.shape[-1], V + 3, bias=False)
+    padded = VocabHead(wide, V)
+    out = chunked_head_losses(hidden, padded, labels, chunk_size=4, **teacher)
+    ref = chunked_head_losses(hidden, padded, labels, chunk_size=4, fused=False, **teacher)
+    assert out["kd_sum"].item() == pytest.approx(ref["kd_sum"].item(), rel=1e-6)
+    got, = torch.autograd.grad(out["loss_sum"], wide.weight)
+    want, = torch.autograd.grad(ref["loss_sum"], wide.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[V:], torch.zeros_like(got[V:]))
+
+
+def test_fused_ce_weight_zero_logs_ce_without_its_gradient():
+    hidden, head, t_hidden, t_head, labels = head_setup(seed=6)
+    teacher = {"teacher_hidden": t_hidden, "teacher_head": t_head}
+    out = chunked_head_losses(hidden, head, labels, chunk_size=3, kd_weight=1.0, ce_weight=0.0, **teacher)
+    kd, ce, _ = plain_sums(hidden, head, labels, t_head(t_hidden).detach(), "forward_kl", 1.0)
+    assert out["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-5)  # logged
+    for got, want in zip(grads_of(out["loss_sum"], hidden, head), grads_of(kd, hidden, head)):  # KD only
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("tau", "ce_weight"), [(1.0, 0.4), (2.0, 0.0), (0.5, 0.0)])
+def test_fused_forward_kl_kernel_matches_plain_path(monkeypatch, tau, ce_weight):
+    """The in-place forward-KL kernel (the default setting) is taken, and equals the plain full-logit path."""
+    import teacherfit.distill.losses as losses
+
+    calls = []
+    kernel = losses._forward_kl_chunk_grad
+    monkeypatch.setattr(losses, "_forward_kl_chunk_grad", lambda *a: calls.append(1) or kernel(*a))
+    hidden, head, t_hidden, t_head, labels = head_setup(seed=12)
+    out = chunked_head_losses(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=3,
+                              temperature=tau, kd_weight=0.8, ce_weight=ce_weight)
+    assert len(calls) == 4  # 10 response tokens in chunks of 3
+    kd, ce, _ = plain_sums(hidden, head, labels, t_head(t_hidden).detach(), "forward_kl", tau)
+    assert out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert out["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-5)
+    for got, want in zip(grads_of(out["loss_sum"], hidden, head), grads_of(0.8 * kd + ce_weight * ce, hidden, head)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_forward_kl_falls_back_on_non_finite_teacher_logits():
+    """-inf teacher logits (a banned token) leave the in-place kernel; autograd on the chunk keeps 0 * log 0 = 0."""
+    hidden, head, t_hidden, _, labels = head_setup(seed=13)
+    t_head = nn.Linear(DT, V, bias=True)
+    with torch.no_grad():
+        t_head.bias.zero_()
+        t_head.bias[2] = float("-inf")
+    out = chunked_head_losses(hidden, head, labels, teacher_hidden=t_hidden, teacher_head=t_head, chunk_size=4)
+    kd, ce, _ = plain_sums(hidden, head, labels, t_head(t_hidden).detach(), "forward_kl", 1.0)
+    assert torch.isfinite(kd) and out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-5)
+    for got, want in zip(grads_of(out["loss_sum"], hidden, head), grads_of(kd + ce, hidden, head)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -153,7 +153,16 @@ class KDConfig(Strict):
         "auto", description="'auto': one-to-one when head counts match, else head-averaged maps."
     )
     query_chunk: int = Field(128, ge=1, description="Query positions per attention-map chunk.")
-    head_chunk: int = Field(1024, ge=1, description="Tokens per chunk of the fused LM head + loss.")
+    head_chunk: int | None = Field(
+        None, ge=1, description="Tokens per chunk of the LM head + loss; default: about 2^25 logits (128 MiB fp32) per chunk."
+    )
+    fused_head: bool = Field(
+        True, description="Compute the head's gradients chunk by chunk in forward (no recompute); off: checkpointed chunks."
+    )
+
+    def chunk_for(self, vocab: int) -> int:
+        """head_chunk, or the default for this vocabulary size: 2^25 logits per chunk, within [32, 4096] tokens."""
+        return self.head_chunk or max(32, min(4096, 2**25 // vocab))
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -232,7 +241,8 @@ class MTBenchOptions(Strict):
         None, description="Reference answers in FastChat's answer format; default: the packaged GPT-4 answers.")
     judge_prompts: Path | None = Field(None, description="FastChat judge_prompts.jsonl; default: the packaged one.")
     categories: list[str] | None = Field(None, description="Keep only these categories.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N questions (after the category filter).")
+    question_ids: list[int] | None = Field(None, description="Keep only these question ids.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N questions (after the filters).")
 
 
 class PairwiseOptions(Strict):

@@ -33,6 +33,7 @@ __all__ = [
     "attention_kl",
     "attention_kl_sums",
     "chunked_head_losses",
+    "linear_head_params",
     "cross_entropy",
     "forward_kl",
     "forward_kl_topk",
@@ -488,6 +489,111 @@ def _softcap(z: Tensor, cap: float | None) -> Tensor:
     return z if cap is None else torch.tanh(z / cap) * cap
 
 
+def linear_head_params(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight [V, d], bias [V] | None)`` of a plain linear LM head, or None when it is something else.
+
+    A head may offer ``linear_params()`` (as ``distill.train.VocabHead`` does for padded vocabularies). Heads
+    whose weights are not materialised in the module (DeepSpeed ZeRO-3 partitions, empty placeholders) and
+    any other module (e.g. a LoRA-wrapped head) return None: ``chunked_head_losses`` then takes its
+    checkpointed path, which only calls the module.
+    """
+    if hasattr(head, "linear_params"):
+        params = head.linear_params()
+    elif type(head) is nn.Linear:
+        params = (head.weight, head.bias)
+    else:
+        return None
+    if params is None or params[0].numel() == 0 or hasattr(params[0], "ds_id"):
+        return None
+    return params
+
+
+def _forward_kl_chunk_grad(
+    z: Tensor, t: Tensor, temperature: float, kd_weight: float, y: Tensor | None, ce_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward-KL sum, CE sum and their weighted gradient for one chunk, in place over ``z`` and ``t``.
+
+    The fused path's kernel for the default divergence: ``z`` (student) and ``t`` (teacher) are fp32 logits
+    [c, V] owned by the caller and overwritten; besides them only one more [c, V] tensor is allocated,
+    where autograd on ``_forward_kl_tokens`` keeps about six. Same values as ``_forward_kl_tokens`` and
+    ``F.cross_entropy``; the gradient is the closed form d/dz [tau^2 KL(p_t || softmax(z / tau))] =
+    tau * (softmax(z / tau) - p_t), plus ce_weight * (softmax(z) - onehot(y)), which needs tau = 1 when
+    ce_weight != 0 (the caller checks). Logits must be finite (the caller checks).
+    """
+    inv = 1.0 / temperature
+    ce = torch.zeros((), dtype=torch.float32, device=z.device)
+    if y is not None:  # CE at tau = 1 on the raw logits, before they are overwritten
+        ce = (torch.logsumexp(z, -1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).sum()
+    t.mul_(inv)
+    t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p_t
+    z.mul_(inv)
+    z.sub_(torch.logsumexp(z, -1, keepdim=True))  # log q (student)
+    p = t.exp()
+    t.sub_(z).mul_(p)  # p * (log p - log q); finite logits: p == 0 only by underflow, where the product is 0
+    kd = t.sum() * temperature**2
+    dz = z.exp_()  # q
+    if y is not None and ce_weight != 0:  # tau == 1 here, so q = softmax(z) serves both terms
+        dz.mul_(kd_weight + ce_weight).sub_(p, alpha=kd_weight)
+        rows = torch.arange(dz.shape[0], device=dz.device)
+        dz[rows, y] -= ce_weight
+    else:
+        dz.sub_(p).mul_(temperature * kd_weight)
+    return kd, ce, dz
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """``kd_weight * kd_sum + ce_weight * ce_sum`` of a linear head, its gradients computed chunk by chunk in forward.
+
+    Why by hand: neither torch nor transformers offers a fused linear + divergence loss for two models
+    (Liger-Kernel has fused linear cross-entropy and a JSD, but Triton-only and not for our divergences
+    or top-k teachers). For each chunk of tokens the head's logits are computed once, the loss terms and
+    d(loss)/d(logits) come from autograd on that chunk alone (any divergence, softcap, top-k teacher), and
+    the chunk's share of d/d(hidden) and d/d(weight) is formed at once by two matmuls. Backward then only
+    scales the stored gradients. Against checkpointing this saves the recomputation of both heads during
+    backward (a third of the head FLOPs) and every chunk-sized tensor is freed before the next chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, chunk_grad, chunk_size, kd_weight, ce_weight):
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        dev = h.device
+        kd_total = torch.zeros((), dtype=torch.float32, device=dev)
+        ce_total = torch.zeros((), dtype=torch.float32, device=dev)
+        n = h.shape[0]
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            h_c = h[sl]
+            z = F.linear(h_c, weight, bias).float()
+            kd, ce, dz = chunk_grad(z, start)  # dz: d(kd_weight * kd + ce_weight * ce) / dz, or None
+            del z
+            if dz is not None:
+                if need_h:
+                    grad_h[sl] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(dz.t(), h_c.float())
+                if need_b:
+                    grad_b += dz.sum(0)
+                del dz
+            kd_total += kd
+            ce_total += ce
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
+        loss = kd_weight * kd_total + ce_weight * ce_total
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return loss, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_h, grad_w, grad_b = ctx.grads
+        del ctx.grads
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
+
+
 def chunked_head_losses(
     student_hidden: Tensor,
     student_head: nn.Module,
@@ -504,6 +610,9 @@ def chunked_head_losses(
     need_ce: bool = True,
     softcap: float | None = None,
     teacher_softcap: float | None = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    fused: bool = True,
 ) -> dict:
     """Divergence and cross-entropy SUMS over response tokens, without full-vocabulary logits.
 
@@ -515,20 +624,25 @@ def chunked_head_losses(
     must be ``"forward_kl"`` and ``divergence_kwargs`` may set ``tail`` and ``tail_samples``; a cache's
     own setting is ``TopKCache.loss_kwargs()``), or not at all (CE only).
 
-    How memory stays bounded: masked positions are selected first, so prompt tokens cost nothing; the
-    selected tokens are processed ``chunk_size`` at a time; each chunk's head projection, divergence and
-    CE run inside ``torch.utils.checkpoint`` (non-reentrant), so no chunk's logits are kept for backward.
-    They are recomputed chunk by chunk during backward, the teacher head included (one extra teacher
-    head matmul per chunk), so that no vocabulary-sized tensor outlives its chunk. Peak extra memory is
-    a few ``chunk_size x V`` fp32 tensors.
+    Returns ``{"loss_sum", "kd_sum", "ce_sum", "n_tokens"}``: sums, not means, so the training loop can
+    normalise by the real token count across gradient accumulation. ``loss_sum = kd_weight * kd_sum +
+    ce_weight * ce_sum`` is the tensor to differentiate. A term that is not computed (no teacher, or
+    ``need_ce=False``) is a constant 0. With ``ce_weight == 0`` the CE is still computed, without
+    gradient, for the log. With no masked tokens every sum is an exact 0 and backward gives zero gradients.
+
+    How memory stays bounded: masked positions are selected first, so prompt tokens cost nothing, and the
+    selected tokens are processed ``chunk_size`` at a time; every vocabulary-sized tensor (the logits of
+    both heads and the loss's intermediates) lives only while its chunk is processed. Peak extra memory is
+    a few ``chunk_size x V`` fp32 tensors. Two paths, same values and gradients (tested):
+
+    - ``fused=True`` (default, when the student head is a plain linear layer, see ``linear_head_params``):
+      each chunk's gradients with respect to the hidden states and the head weight are computed during
+      forward (``_FusedHeadLoss``); both heads run once. ``kd_sum`` and ``ce_sum`` carry no gradient.
+    - otherwise (or ``fused=False``): each chunk runs inside ``torch.utils.checkpoint`` and is recomputed
+      during backward, teacher head included. ``kd_sum`` and ``ce_sum`` are differentiable too.
 
     ``softcap`` / ``teacher_softcap``: final-logit soft-capping ``tanh(z / cap) * cap``, applied in fp32,
     for architectures that have it (e.g. Gemma 2). CE is at tau = 1 on the (capped) student logits.
-
-    Returns ``{"kd_sum": Tensor, "ce_sum": Tensor, "n_tokens": int}`` — sums, not means, so the training
-    loop can normalise by the real token count across gradient accumulation. A term that is not
-    computed (no teacher, or ``need_ce=False``) is a constant 0 tensor. With no masked tokens both are
-    exact zeros attached to the graph of the head and the hidden states.
     """
     _check_temperature(temperature)
     if chunk_size < 1:
@@ -577,49 +691,81 @@ def chunked_head_losses(
         ids = teacher_topk[0].reshape(-1, k).index_select(0, idx)
         lps = teacher_topk[1].detach().reshape(-1, k).index_select(0, idx)
     has_teacher = t_h is not None or ids is not None
+    zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
 
-    def chunk_sums(h_c, y_c, t_h_c, ids_c, lps_c):
-        z = _softcap(student_head(h_c).float(), softcap)
-        kd = ce = None
-        if t_h_c is not None:
+    # 2) The terms of one chunk, from its student logits ``z_raw`` [c, V] (fp32, before any softcap).
+    def chunk_terms(z_raw: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        sl = slice(start, start + z_raw.shape[0])
+        z = _softcap(z_raw, softcap)
+        kd = ce = zero
+        if t_h is not None:
             with torch.no_grad():
-                t_z = _softcap(teacher_head(t_h_c).float(), teacher_softcap)
+                t_z = _softcap(teacher_head(t_h[sl]).float(), teacher_softcap)
             if t_z.shape[-1] != z.shape[-1]:
                 raise ValueError(
                     f"student and teacher vocabularies differ ({z.shape[-1]} vs {t_z.shape[-1]} logits): "
                     "align the vocabularies before distilling"
                 )
             kd = _DIVERGENCE_TOKENS[divergence](z, t_z, temperature, **kwargs).sum()
-        elif ids_c is not None:
-            kd = _forward_kl_topk_tokens(z, ids_c, lps_c, temperature, **kwargs).sum()
+            del t_z
+        elif ids is not None:
+            kd = _forward_kl_topk_tokens(z, ids[sl], lps[sl], temperature, **kwargs).sum()
         if need_ce:
-            ce = F.cross_entropy(z, y_c, reduction="sum")
+            if ce_weight != 0:
+                ce = F.cross_entropy(z, y[sl], reduction="sum")
+            else:  # for the log only: no graph, no [c, V] log-softmax
+                with torch.no_grad():
+                    ce = (torch.logsumexp(z, -1) - z.gather(-1, y[sl].unsqueeze(-1)).squeeze(-1)).sum()
         return kd, ce
 
-    constant_zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-    kd_sum = ce_sum = None
-    use_checkpoint = torch.is_grad_enabled()
+    def result(loss_sum: Tensor, kd_sum: Tensor, ce_sum: Tensor) -> dict:
+        return {"loss_sum": loss_sum, "kd_sum": kd_sum if has_teacher else zero,
+                "ce_sum": ce_sum if need_ce else zero, "n_tokens": n}
+
+    # The in-place forward-KL kernel serves the default setting; anything else takes autograd on the chunk.
+    fast_kl = (t_h is not None and divergence == "forward_kl" and not kwargs and softcap is None
+               and teacher_softcap is None and (not need_ce or ce_weight == 0 or temperature == 1.0))
+
+    def chunk_grad(z_raw: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(kd sum, ce sum, d(kd_weight * kd + ce_weight * ce) / d z_raw) of one chunk; runs under no_grad."""
+        if fast_kl:
+            sl = slice(start, start + z_raw.shape[0])
+            t_z = teacher_head(t_h[sl]).float()
+            if t_z.shape[-1] != z_raw.shape[-1]:
+                raise ValueError(
+                    f"student and teacher vocabularies differ ({z_raw.shape[-1]} vs {t_z.shape[-1]} logits): "
+                    "align the vocabularies before distilling"
+                )
+            if bool(torch.isfinite(t_z).all()) and bool(torch.isfinite(z_raw).all()):
+                return _forward_kl_chunk_grad(z_raw, t_z, temperature, float(kd_weight),
+                                              y[sl] if need_ce else None, float(ce_weight))
+            del t_z
+        z = z_raw.detach().requires_grad_(True)
+        with torch.enable_grad():
+            kd, ce = chunk_terms(z, start)
+            objective = kd_weight * kd + ce_weight * ce
+        dz = torch.autograd.grad(objective, z)[0] if objective.requires_grad else None
+        return kd.detach(), ce.detach(), dz
+
+    params = linear_head_params(student_head) if fused else None
+    trains = torch.is_grad_enabled() and (
+        h.requires_grad or any(p.requires_grad for p in student_head.parameters()))
+    if params is not None and trains:
+        loss_sum, kd_sum, ce_sum = _FusedHeadLoss.apply(h, params[0], params[1], chunk_grad, chunk_size,
+                                                       float(kd_weight), float(ce_weight))
+        return result(loss_sum, kd_sum, ce_sum)
+
+    def chunk_sums(h_c: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        return chunk_terms(student_head(h_c).float(), start)
+
+    kd_sum = ce_sum = zero
     # With no masked token, one empty chunk runs: its sums over zero rows are exact zeros attached to
     # the graph of the head and the hidden states.
     for start in range(0, max(n, 1), chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (
-            h[sl],
-            y[sl],
-            None if t_h is None else t_h[sl],
-            None if ids is None else ids[sl],
-            None if lps is None else lps[sl],
-        )
-        if use_checkpoint:
-            kd, ce = checkpoint(chunk_sums, *args, use_reentrant=False)
+        h_c = h[start : start + chunk_size]
+        if trains:
+            kd, ce = checkpoint(chunk_sums, h_c, start, use_reentrant=False)
         else:
-            kd, ce = chunk_sums(*args)
-        if kd is not None:
-            kd_sum = kd if kd_sum is None else kd_sum + kd
-        if ce is not None:
-            ce_sum = ce if ce_sum is None else ce_sum + ce
-    return {
-        "kd_sum": kd_sum if has_teacher else constant_zero,
-        "ce_sum": ce_sum if need_ce else constant_zero,
-        "n_tokens": n,
-    }
+            kd, ce = chunk_sums(h_c, start)
+        kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+    return result(kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum)

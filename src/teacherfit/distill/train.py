@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from teacherfit.config import DistillConfig, KDConfig, TrainOptions
 from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
 from teacherfit.distill.examples import TrainExample
-from teacherfit.distill.losses import chunked_head_losses
+from teacherfit.distill.losses import chunked_head_losses, linear_head_params
 from teacherfit.scoring import pad_batch
 from teacherfit.store import atomic_write_json, atomic_write_text
 from teacherfit.ui import console, progress_bar
@@ -50,6 +50,14 @@ class VocabHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.head(hidden)[..., : self.size]
+
+    def linear_params(self) -> tuple[Tensor, Tensor | None] | None:
+        """The kept rows of a plain linear head (for the fused head loss), else None."""
+        params = linear_head_params(self.head)
+        if params is None:
+            return None
+        weight, bias = params
+        return weight[: self.size], None if bias is None else bias[: self.size]
 
 
 def output_head(model: nn.Module, vocab: int | None = None) -> nn.Module:
@@ -154,9 +162,12 @@ class DistillModule(nn.Module):
             divergence=self.kd.divergence,
             divergence_kwargs=self.kd.divergence_kwargs or None,
             temperature=self.kd.temperature,
-            chunk_size=self.kd.head_chunk,
+            chunk_size=self.kd.chunk_for(self.student.get_output_embeddings().weight.shape[0]),
             softcap=softcap_of(self.student),
             teacher_softcap=teacher_softcap,
+            kd_weight=self.kd.lambda_ * self.kd.w_pred,
+            ce_weight=1 - self.kd.lambda_,
+            fused=self.kd.fused_head,
         )
         if self.capture is not None and teacher_captured is not None:
             attn_sum, attn_count = attention_kd_sums(
@@ -215,6 +226,14 @@ class CachedTeacher:
 
     def close(self) -> None:
         pass
+
+
+def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel (one pass over each parameter; CPU and CUDA), else the default."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not support
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 @dataclass
@@ -324,8 +343,8 @@ def train(
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+    optimizer = make_optimizer([{"params": decay, "weight_decay": opts.weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(opts.warmup_steps, schedule.total_steps),
                                                 schedule.total_steps)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
@@ -366,6 +385,8 @@ def train(
                         sums = module(micro.input_ids.to(accelerator.device),
                                       micro.attention_mask.to(accelerator.device),
                                       micro.labels.to(accelerator.device), **signal)
+                        # loss_sum = (1 - lambda) * ce_sum + lambda * w_pred * kd_sum, differentiable
+                        head_loss = sums["loss_sum"] / tokens_global
                         terms = {"ce": sums["ce_sum"] / tokens_global, "kd": sums["kd_sum"] / tokens_global}
                         if attn_on and "attn_sum" in sums:
                             # mean over (layer, head, response query) of the whole step: this micro-batch's
@@ -378,7 +399,7 @@ def train(
                                 raise TrainingDiverged(
                                     f"non-finite {name} loss at step {step + 1}, micro-batch {k} "
                                     f"(examples {micro.keys}); last good checkpoint: {last or 'none'}")
-                        loss = (1 - kd.lambda_) * terms["ce"] + kd.lambda_ * kd.w_pred * terms["kd"]
+                        loss = head_loss
                         if "attn" in terms:
                             loss = loss + kd.lambda_ * kd.w_attn * terms["attn"]
                         # DDP averages gradients over processes; the terms are already global means
