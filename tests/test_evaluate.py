@@ -333,3 +333,53 @@ def test_pairwise_needs_a_reference():
                                              "judge={backend: openai, remote: {base_url: u, model: m}}"])
     with pytest.raises(ValueError, match="pairwise.reference"):
         preflight(cfg)
+
+
+# --- packaged models, end to end ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluate_packaged_models_end_to_end(tmp_path):
+    """SmolLM2-135M-Instruct judged by Qwen2.5-Coder-0.5B-Instruct on 2 MT-Bench questions (writing, and math
+    graded against its reference), against Qwen2.5-Coder-0.5B-Instruct's own answers."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "evaluate", "--student", "smollm2-135m-instruct", "--judge", "qwen2.5-coder-0.5b-instruct", "--out", str(out),
+        "--set", "mtbench.question_ids=[81, 111]",
+        "--set", "pairwise.reference={name: qwen-coder, model: qwen2.5-coder-0.5b-instruct}",
+        "--set", "decoding.max_new_tokens=64", "--set", "judge_decoding.max_new_tokens=64",
+        "--set", "reward={kind: judge, model: qwen2.5-coder-0.5b-instruct}", "--set", "bootstrap=200",
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((out / "results.json").read_text())
+    mt = results["mtbench"]
+    assert mt["questions"] == 2 and mt["reference_guided"] == 1
+    assert mt["overall"]["n"] + mt["overall"]["unparsed"] == 4  # every judgment is either scored or counted
+    assert all(1 <= j["verdict"] <= 10 for j in pq.read_table(out / "mtbench.parquet").to_pylist() if j["verdict"] is not None)
+    pw = results["pairwise"]
+    assert pw["items"] == 2 and results["judgments"]["total"] == 8
+    assert pw["win_rate"]["n"] == 2 - pw["unparsed_items"]
+    assert results["reward_win_rate"]["n"] + results["reward_win_rate"]["unparsed"] == 2
+    assert math.isfinite(results["heldout_loss"]["mean"]) and results["heldout_loss"]["n"] == 2
+    html = (out / "report.html").read_text()
+    assert "MT-Bench score per category" in html and html.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_evaluate_with_a_real_openai_compatible_judge(eval_workspace, llama_server):
+    """The API judge path against a real llama.cpp server (SmolLM2-135M-Instruct as the judge)."""
+    root, student = eval_workspace
+    out = root / "llama-judge"
+    args = evaluate_args(root, student, llama_server, out) + [
+        "--set", f"judge={{backend: openai, remote: {{base_url: '{llama_server}', model: smollm2, concurrency: 2}}}}",
+        "--set", "judge_decoding.max_new_tokens=48", "--set", "mtbench.limit=2", "--set", "pairwise.limit=2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["judgments"]["total"] == 8 and results["judge"]["model"] == "smollm2"
+    assert results["judgments"]["ok"] + results["judgments"]["unparsed"] == 8
+    mt, pw = results["mtbench"]["overall"], results["pairwise"]
+    assert mt["n"] + mt["unparsed"] == 4 and pw["items"] == 2
+    judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert all(j["output"] is not None for j in judgments)  # the raw judge text is kept, parsed or not

@@ -67,10 +67,12 @@ def _questions(cfg: EvaluateConfig, sources: dict[str, Path]) -> list[E.Question
     questions = E.load_questions(sources["questions"], sources["reference_answers"])
     if cfg.mtbench.categories:
         questions = [q for q in questions if q.category in cfg.mtbench.categories]
+    if cfg.mtbench.question_ids:
+        questions = [q for q in questions if q.question_id in cfg.mtbench.question_ids]
     if cfg.mtbench.limit:
         questions = questions[: cfg.mtbench.limit]
     if not questions:
-        raise ValueError("no MT-Bench question left after mtbench.categories / mtbench.limit")
+        raise ValueError("no MT-Bench question left after mtbench.categories / question_ids / limit")
     return questions
 
 

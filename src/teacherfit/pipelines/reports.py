@@ -116,7 +116,7 @@ def evaluate_report(results: dict[str, Any], mtbench_rows: list[dict], pair_item
         mt = results["mtbench"]
         rep.add_heading("MT-Bench")
         rep.add_paragraph(f"{mt['questions']} questions from {mt['source']}; single-answer grading 1-10, turn 2 judged "
-                          f"with the whole conversation; {mt['reference_guided']} questions (math, reasoning, coding) "
+                          f"with the whole conversation; of these, {mt['reference_guided']} (math, reasoning, coding) "
                           "graded against reference answers.")
         cats = mt["categories"]
         rep.add_table(cats + [{"category": "overall", **mt["overall"]}],
