@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="teacherfit kd.head_chunk (default: KDConfig's default)")
     ap.add_argument("--extra-head-chunks", type=int, nargs="*", default=[],
                     help="part 1: also run teacherfit with these kd.head_chunk values (default: none)")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="part 1: the speed run only (skip the two peak-memory runs)")
     ap.add_argument("--compare-checkpointed", action="store_true",
                     help="part 1: also run teacherfit's checkpointed head path (kd.fused_head=false) side by side")
     ap.add_argument("--kd-batch", type=int, default=2, help="part 2 batch size, real models (default: %(default)s)")
@@ -599,8 +601,8 @@ def part1(args, out: dict) -> dict | None:
     print(f"\n[1] teacherfit vs TRL GKD: batch {args.batch} x {args.seq_len}, off-policy (lmbda=0), forward KL "
           f"(beta=0), tau=1, no generation ({load_line()})")
     speed = spawn(args, "speed")
-    mem = {"teacherfit": spawn(args, "teacherfit"), "trl": spawn(args, "trl")}
-    for chunk in args.extra_head_chunks:
+    mem = {} if args.no_memory else {"teacherfit": spawn(args, "teacherfit"), "trl": spawn(args, "trl")}
+    for chunk in [] if args.no_memory else args.extra_head_chunks:
         mem[f"teacherfit (head_chunk {chunk})"] = spawn(args, "teacherfit", head_chunk=chunk)
     out["part1"] = {"speed": speed, "memory": mem}
     if "error" in speed:
@@ -648,7 +650,7 @@ def part1(args, out: dict) -> dict | None:
     tf, trl = runs["teacherfit"], runs["trl"]
     ratios = {"speed_median_paired": tf["paired"], "speed_total": tf["tok_s"] / trl["tok_s"]}
     verdict = f"speed {tf['paired']:.2f}x (target >= {SPEED_TARGET}x: {'met' if tf['paired'] >= SPEED_TARGET else 'MISSED'})"
-    if "error" not in mem["teacherfit"] and "error" not in mem["trl"]:
+    if mem and "error" not in mem["teacherfit"] and "error" not in mem["trl"]:
         m = mem["teacherfit"]["increment_mib"] / mem["trl"]["increment_mib"]
         ratios.update(memory_increment=m, memory_absolute=mem["teacherfit"]["peak_mib"] / mem["trl"]["peak_mib"])
         verdict += (f"; peak-memory increment {m:.2f}x (target <= {MEMORY_TARGET}x: "
