@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from teacherfit.config import (
+    AlignConfig,
     CacheTeacherConfig,
     ConfigError,
     CorrelateConfig,
@@ -157,6 +158,29 @@ def cache_teacher(
 
     data = _training_data(responses)
     _run(run_cache_teacher, CacheTeacherConfig, config, overrides, teacher=teacher, data=data, out=out)
+
+
+@app.command()
+def align(
+    config: Optional[Path] = ConfigOpt,
+    student: Optional[str] = typer.Option(None, help="Student model: hub id, folder, .gguf or packaged name."),
+    expert: Optional[str] = typer.Option(None, help="Frozen domain expert (same tokenizer as the student)."),
+    reference: Optional[str] = typer.Option(None, help="Frozen general reference model, e.g. the student itself."),
+    expert_cache: Optional[Path] = typer.Option(None, help="The expert's top-k cache (`cache-teacher`) instead of the model."),
+    reference_cache: Optional[Path] = typer.Option(None, help="The reference's top-k cache instead of the model."),
+    responses: list[str] = typer.Option([], "--responses", "-r", help="NAME=PATH of a response set to train on. Repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only route: print counts, share and borderline samples."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in --out."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Domain Alignment from Expert: domain samples distilled from the expert, the rest from the reference model."""
+    from teacherfit.pipelines.align import run_align
+
+    data = _training_data(responses)
+    _run(lambda cfg: run_align(cfg, resume=resume, dry_run=dry_run), AlignConfig, config, overrides,
+         student=student, expert=expert, reference=reference, expert_cache=expert_cache,
+         reference_cache=reference_cache, data=data, out=out)
 
 
 @app.command()

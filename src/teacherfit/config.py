@@ -224,11 +224,79 @@ class CacheTeacherConfig(Strict):
     out: Path | None = None
 
 
+class RoutingConfig(Strict):
+    """DAE routing: which samples take the domain expert's distribution (the rest: the reference model's)."""
+
+    source: Literal["flag", "rules", "classifier"] = Field(
+        "flag", description="'flag': a per-sample field of the data (the paper's way); 'rules': keywords/regexes "
+        "on the text; 'classifier': logistic regression on sentence embeddings, trained on `labelled`.")
+    field: str = Field("domain", description="flag: the row field that marks domain samples (true/false).")
+    keywords: list[str] = Field(default_factory=list, description="rules: case-insensitive substrings; any match = domain.")
+    patterns: list[str] = Field(default_factory=list, description="rules: regular expressions (re.search); any match = domain.")
+    labelled: Path | None = Field(None, description="classifier: JSONL of {text, domain: true/false} (or any record "
+                                  "format with a `domain` field): a few examples of each class.")
+    embedder: str = Field("all-minilm-l6-v2", description="classifier: sentence encoder (the packaged MiniLM, a folder or hub id).")
+    threshold: float = Field(0.5, gt=0, lt=1, description="classifier: P(domain) at or above this = domain.")
+    ridge: float = Field(1e-2, ge=0, description="classifier: L2 penalty of the logistic regression.")
+    text: Literal["instruction", "conversation"] = Field(
+        "instruction", description="What rules and the classifier read: the user turns, or the whole conversation.")
+    borderline: int = Field(10, ge=0, description="How many samples closest to the threshold the report lists.")
+
+
+class HeldoutSets(Strict):
+    """Held-out sets scored before and after `align`: the student's mean loss on each set's responses."""
+
+    domain: Path | None = Field(None, description="Domain instructions with the expert's responses.")
+    general: Path | None = Field(None, description="General instructions with the reference model's responses.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N of each set.")
+    max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch.")
+
+
+class AlignConfig(Strict):
+    """Domain Alignment from Expert: L = (1 - lambda) CE + lambda tau^2 KL(p* || p_S), p* routed per sample."""
+
+    student: str = Field(description="Student model being trained (hub id, folder, .gguf, packaged name).")
+    expert: str | None = Field(None, description="Frozen domain expert (same tokenizer as the student).")
+    expert_cache: Path | None = Field(None, description="Or the expert's top-k cache from `cache-teacher` (not loaded).")
+    reference: str | None = Field(None, description="Frozen general reference model, e.g. the student's own starting "
+                                  "weights (then DAE keeps what the student already does on general samples).")
+    reference_cache: Path | None = Field(None, description="Or the reference model's top-k cache from `cache-teacher`.")
+    teacher_device: str | None = Field(None, description="Device of online teachers (default: the student's).")
+    data: TrainData
+    routing: RoutingConfig = RoutingConfig()
+    domain_share: float | None = Field(None, gt=0, lt=1, description="Resample the training mix (seeded) to this "
+                                       "share of domain samples, keeping the number of samples; unset: as routed.")
+    heldout: HeldoutSets = HeldoutSets()
+    kd: KDConfig = Field(KDConfig(w_attn=0.0), description="lambda, temperature, divergence; attention KD is not part of DAE.")
+    train: TrainOptions = Field(TrainOptions(weight_decay=0.0), description="As distill's (the paper's DAE: weight decay 0).")
+    lora: LoraOptions | None = None
+    evaluate: dict[str, Any] | None = Field(
+        None, description="Optional `teacherfit evaluate` settings (without student): judged scores of the student "
+        "before and after, side by side. Off when unset (judging is slow).")
+    models: ModelOptions = ModelOptions()
+    out: Path | None = None
+
+    @field_validator("kd", "train", mode="before")
+    @classmethod
+    def _dae_defaults(cls, v: Any, info) -> Any:
+        # DAE's own defaults (no attention KD; the paper's weight decay 0) also when a section is given in part
+        key = {"kd": "w_attn", "train": "weight_decay"}[info.field_name]
+        return {**v, key: 0.0} if isinstance(v, dict) and key not in v else v
+
+    @field_validator("kd")
+    @classmethod
+    def _no_attention(cls, v: KDConfig) -> KDConfig:
+        if v.w_attn > 0:
+            raise ValueError("attention KD is not part of DAE: set kd.w_attn=0")
+        return v
+
+
 class QuickstartConfig(Strict):
     """The embedded default: everything small, on CPU, offline, with packaged models."""
 
     rank: RankConfig
     distill: DistillConfig | None = None
+    align: AlignConfig | None = None
     out: Path | None = None
 
 
@@ -342,7 +410,8 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
 
 
 _PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "outcomes", "out", "best_of_rank",
-              "teacher_cache", "questions", "reference_answers", "judge_prompts", "heldout"}
+              "teacher_cache", "questions", "reference_answers", "judge_prompts", "heldout",
+              "expert_cache", "reference_cache", "labelled", "domain", "general"}
 
 
 def _resolve_relative_paths(data: Any, base: Path) -> Any:

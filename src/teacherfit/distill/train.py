@@ -1,4 +1,4 @@
-"""The distillation training runtime: one loop for `distill` (and, later, `align`), built on accelerate.
+"""The distillation training runtime: one loop for `distill` and `align`, built on accelerate.
 
 The loop is in view (STYLE.md): each optimizer step takes ``grad_accum`` micro-batches, computes the loss
 terms as *sums*, divides them by the real token counts of the whole step (across micro-batches and
@@ -8,6 +8,10 @@ of (seed, epoch), so a resumed run sees exactly the batches the uninterrupted ru
 Memory: the student's LM head and the KD loss run over chunks of response tokens inside
 ``DistillModule.forward`` (so FSDP sees one module), attention maps only for mapped layers in query chunks;
 the teacher runs frozen in inference mode, or is replaced by the offline top-k cache.
+
+DAE (`align`) uses the same loop with a ``RoutedTeacher``: one teacher per route (the domain expert and
+the general reference model, each online or from its cache); each micro-batch's rows go to their route's
+teacher, and ``DistillModule`` runs the student once and the head loss once per route on that route's rows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from teacherfit.config import DistillConfig, KDConfig, TrainOptions
+from teacherfit.config import AlignConfig, DistillConfig, KDConfig, TrainOptions
 from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
 from teacherfit.distill.examples import TrainExample
 from teacherfit.distill.losses import chunked_head_losses, linear_head_params
@@ -148,11 +152,52 @@ class DistillModule(nn.Module):
         self.capture = capture
 
     def forward(self, input_ids, attention_mask, labels, *, teacher_hidden=None, teacher_head=None,
-                teacher_softcap=None, teacher_topk=None, teacher_captured=None) -> dict[str, Any]:
+                teacher_softcap=None, teacher_topk=None, teacher_captured=None,
+                teacher_routes=None, divergence_kwargs=None) -> dict[str, Any]:
         if self.capture is not None:
             self.capture.clear()
         hidden = decoder_of(self.student)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        sums = chunked_head_losses(
+        if teacher_routes is not None:
+            return self._routed_sums(hidden, labels, teacher_routes)
+        sums = self._head_sums(hidden, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                               teacher_softcap=teacher_softcap, teacher_topk=teacher_topk,
+                               divergence_kwargs=divergence_kwargs)
+        if self.capture is not None and teacher_captured is not None:
+            attn_sum, attn_count = attention_kd_sums(
+                self.capture, teacher_captured, self.layer_map, labels != -100,
+                head_map=self.kd.head_map, query_chunk=self.kd.query_chunk,
+            )
+            sums["attn_sum"], sums["attn_count"] = attn_sum, attn_count
+        return sums
+
+    def _routed_sums(self, hidden: Tensor, labels: Tensor, routes: list[dict[str, Any]]) -> dict[str, Any]:
+        """DAE: the head loss once per route, on that route's rows, against that route's teacher.
+
+        Routes partition the rows, so the per-route CE sums add up to the batch's CE (each token once) and the
+        KD sums to sum over tokens of KL(p* || p_S), p* the routed teacher. ``parts`` keeps each route's KD sum
+        for the log; a route with no row in this micro-batch costs nothing and adds 0.
+        """
+        total: dict[str, Any] = {}
+        parts: dict[str, Tensor] = {}
+        for route in routes:
+            rows = route["rows"].to(hidden.device)
+            name = route["name"]
+            if rows.numel() == 0:
+                parts[f"kd_{name}"] = torch.zeros((), device=hidden.device)
+                continue
+            signal = {k: v for k, v in route.items() if k not in ("rows", "name")}
+            sums = self._head_sums(hidden.index_select(0, rows), labels.index_select(0, rows), **signal)
+            parts[f"kd_{name}"] = sums["kd_sum"].detach()
+            for key in ("loss_sum", "kd_sum", "ce_sum", "n_tokens"):
+                total[key] = total[key] + sums[key] if key in total else sums[key]
+        if not total:
+            raise ValueError("no routed rows in a micro-batch: every row needs a route")
+        total["parts"] = parts
+        return total
+
+    def _head_sums(self, hidden: Tensor, labels: Tensor, *, teacher_hidden=None, teacher_head=None,
+                   teacher_softcap=None, teacher_topk=None, divergence_kwargs=None) -> dict[str, Any]:
+        return chunked_head_losses(
             hidden[:, :-1],
             output_head(self.student, self.vocab),
             labels[:, 1:],
@@ -160,7 +205,7 @@ class DistillModule(nn.Module):
             teacher_head=teacher_head,
             teacher_topk=teacher_topk,
             divergence=self.kd.divergence,
-            divergence_kwargs=self.kd.divergence_kwargs or None,
+            divergence_kwargs={**self.kd.divergence_kwargs, **(divergence_kwargs or {})} or None,
             temperature=self.kd.temperature,
             chunk_size=self.kd.chunk_for(self.student.get_output_embeddings().weight.shape[0]),
             softcap=softcap_of(self.student),
@@ -169,13 +214,6 @@ class DistillModule(nn.Module):
             ce_weight=1 - self.kd.lambda_,
             fused=self.kd.fused_head,
         )
-        if self.capture is not None and teacher_captured is not None:
-            attn_sum, attn_count = attention_kd_sums(
-                self.capture, teacher_captured, self.layer_map, labels != -100,
-                head_map=self.kd.head_map, query_chunk=self.kd.query_chunk,
-            )
-            sums["attn_sum"], sums["attn_count"] = attn_sum, attn_count
-        return sums
 
 
 class OnlineTeacher:
@@ -217,15 +255,60 @@ class OnlineTeacher:
 class CachedTeacher:
     """The teacher's top-k distributions read from an offline cache (no teacher in memory)."""
 
-    def __init__(self, cache, student_device: torch.device):
-        self.cache, self.student_device = cache, student_device
+    def __init__(self, cache, student_device: torch.device, loss_kwargs: dict | None = None):
+        # loss_kwargs: how this cache's rows are read (``TopKCache.loss_kwargs()``), sent with each batch when
+        # teachers of one run differ in it (align); distill sets it once in kd.divergence_kwargs instead
+        self.cache, self.student_device, self.loss_kwargs = cache, student_device, loss_kwargs
 
     def __call__(self, micro: Micro) -> dict[str, Any]:
         ids, logprobs = self.cache.collate(micro.keys, micro.labels[:, 1:])
-        return {"teacher_topk": (ids.to(self.student_device), logprobs.to(self.student_device))}
+        signal: dict[str, Any] = {"teacher_topk": (ids.to(self.student_device), logprobs.to(self.student_device))}
+        if self.loss_kwargs is not None:
+            signal["divergence_kwargs"] = self.loss_kwargs
+        return signal
 
     def close(self) -> None:
         pass
+
+
+class RoutedTeacher:
+    """DAE's teachers: one per route (e.g. the domain expert and the general reference model), each an
+    ``OnlineTeacher`` or a ``CachedTeacher``, and the route of every training example (by key).
+
+    Per micro-batch, each teacher runs on its own rows only (a sub-batch of the same padded width, so
+    positions line up with the student's), and the signals come back as ``{"teacher_routes": [{"name",
+    "rows", **signal}, ...]}`` for ``DistillModule``. Teachers are built by their factories on first use,
+    in route order; a cached teacher holds no model, so with both routes cached no teacher is in memory.
+    """
+
+    def __init__(self, factories: dict[str, Callable[[], OnlineTeacher | CachedTeacher]], route_of: dict[str, str]):
+        unknown = set(route_of.values()) - set(factories)
+        if unknown:
+            raise ValueError(f"examples routed to {sorted(unknown)}, which have no teacher")
+        self.factories, self.route_of = factories, route_of
+        self.teachers: dict[str, OnlineTeacher | CachedTeacher] = {}
+
+    def teacher(self, name: str) -> OnlineTeacher | CachedTeacher:
+        if name not in self.teachers:
+            self.teachers[name] = self.factories[name]()
+        return self.teachers[name]
+
+    def __call__(self, micro: Micro) -> dict[str, Any]:
+        routes = []
+        for name in self.factories:
+            rows = [i for i, key in enumerate(micro.keys) if self.route_of[key] == name]
+            index = torch.tensor(rows, dtype=torch.long)
+            entry: dict[str, Any] = {"name": name, "rows": index}
+            if rows:
+                sub = Micro([micro.keys[i] for i in rows], micro.input_ids.index_select(0, index),
+                            micro.attention_mask.index_select(0, index), micro.labels.index_select(0, index))
+                entry.update(self.teacher(name)(sub))
+            routes.append(entry)
+        return {"teacher_routes": routes}
+
+    def close(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.close()
 
 
 def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -312,16 +395,17 @@ def _tracker(run_dir: Path):
 
 
 def train(
-    cfg: DistillConfig,
+    cfg: DistillConfig | AlignConfig,
     run_dir: Path,
     student: nn.Module,
     tokenizer,
     examples: list[TrainExample],
-    teacher_factory: Callable[[torch.device], OnlineTeacher | CachedTeacher | None],
+    teacher_factory: Callable[[torch.device], OnlineTeacher | CachedTeacher | RoutedTeacher | None],
     *,
     vocab: int | None,
     layer_map: dict[int, int] | None,
     resume: bool = True,
+    label: str = "distill",
 ) -> TrainResult:
     """Run (or resume) the optimisation; returns the log and where the final model was saved."""
     from accelerate import Accelerator
@@ -337,7 +421,7 @@ def train(
     if len(examples) < opts.batch_size:
         raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch (batch_size={opts.batch_size})")
 
-    attn_on = kd.w_attn > 0 and kd.lambda_ > 0 and layer_map
+    attn_on = bool(kd.w_attn > 0 and kd.lambda_ > 0 and layer_map)
     capture = AttentionCapture(student, list(layer_map)) if attn_on else None
     module = DistillModule(student, kd, vocab=vocab, layer_map=layer_map if attn_on else None, capture=capture)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -370,7 +454,7 @@ def train(
     if capture is not None:
         capture.__enter__()
     try:
-        with progress_bar("distill", schedule.total_steps, unit="steps", completed=start) as advance:
+        with progress_bar(label, schedule.total_steps, unit="steps", completed=start) as advance:
             for step in range(start, schedule.total_steps):
                 micros = [collate([examples[i] for i in idx], pad_id) for idx in schedule.step(step)]
                 counts = torch.tensor([sum(m.loss_tokens for m in micros),
@@ -378,6 +462,7 @@ def train(
                                       device=accelerator.device)
                 tokens_global, queries_global = accelerator.reduce(counts, "sum").tolist()
                 totals = {"ce": 0.0, "kd": 0.0, "attn": 0.0}
+                parts: dict[str, float] = {}  # per-route KD (align), same normalisation as kd
                 for k, micro in enumerate(micros):
                     signal = teacher(micro) if (teacher is not None and needs_teacher) else {}
                     sync = accelerator.no_sync(module) if k < len(micros) - 1 else contextlib.nullcontext()
@@ -406,10 +491,13 @@ def train(
                         accelerator.backward(loss * world)
                     for name, value in terms.items():
                         totals[name] += float(value.detach())
+                    for name, value in sums.get("parts", {}).items():
+                        parts[name] = parts.get(name, 0.0) + float(value) / tokens_global
                 # each process holds its share of the step's global means: add them up for the log
-                summed = accelerator.reduce(torch.tensor([totals["ce"], totals["kd"], totals["attn"]],
+                names = ["ce", "kd", "attn"] + sorted(parts)  # every process has the same route names
+                summed = accelerator.reduce(torch.tensor([totals.get(n, parts.get(n)) for n in names],
                                                          dtype=torch.float64, device=accelerator.device), "sum")
-                totals = dict(zip(("ce", "kd", "attn"), summed.tolist()))
+                totals = dict(zip(names, summed.tolist()))
                 grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -418,6 +506,7 @@ def train(
                 row = {"step": step + 1, "loss": total, "ce": totals["ce"], "kd": totals["kd"], "attn": totals["attn"],
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens_global),
                        "elapsed_s": round(time.perf_counter() - clock, 3)}
+                row.update({n: totals[n] for n in sorted(parts)})
                 if accelerator.is_main_process and (step + 1) % opts.log_every == 0:
                     _append_line(log_path, row)
                     if tracker is not None:

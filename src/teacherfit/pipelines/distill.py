@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from teacherfit.config import DistillConfig, StudentInit, prepare_run_dir
+from teacherfit.config import AlignConfig, DistillConfig, StudentInit, prepare_run_dir
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, decoder_of, layers_of, train
@@ -54,11 +54,11 @@ def shrink_layers(model: nn.Module, init: StudentInit) -> nn.Module:
     return model
 
 
-def build_student(cfg: DistillConfig):
+def build_student(cfg: DistillConfig | AlignConfig):
     # master weights in fp32; on CUDA accelerate runs the forward in bf16 autocast
     loaded = load_model(cfg.student, device="cpu", dtype="float32", trust_remote_code=cfg.models.trust_remote_code)
     model = loaded.model
-    if cfg.student_init is not None:
+    if getattr(cfg, "student_init", None) is not None:  # distill only
         model = shrink_layers(model, cfg.student_init)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
