@@ -345,3 +345,18 @@ def test_killed_align_run_resumes_with_the_same_loss_curve(ws, tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
     ra, rb = (json.loads((d / "results.json").read_text())["heldout"]["table"] for d in (ref, killed))
     assert rb[0]["loss_after"] == pytest.approx(ra[0]["loss_after"], rel=1e-6)
+
+
+def test_reference_student_is_the_starting_weights_without_a_copy(ws, tmp_path):
+    """`reference: student` with LoRA: adapters off is the starting model, so the first step (LoRA's B = 0)
+    has zero KL on general samples, and later steps match an online copy of the student as reference."""
+    from teacherfit.pipelines.align import run_align
+
+    steps = ["train.max_steps=3", "kd.lambda=0.5", "lora={r: 4, alpha: 8}", "train.lr=1e-2"]  # step 1: lr 0 (warm-up)
+    itself = run_align(_cfg(ws, tmp_path / "self", *steps, "reference=student"))
+    copy = run_align(_cfg(ws, tmp_path / "copy", *steps, f"reference={ws['student']}"))
+    assert itself["first"]["kd_general"] == pytest.approx(0.0, abs=1e-6)
+    assert itself["final"]["kd_general"] > 1e-6  # the student has moved away from its start
+    for key in ("loss", "kd", "kd_domain", "kd_general", "ce"):
+        assert itself["final"][key] == pytest.approx(copy["final"][key], rel=1e-5, abs=1e-7), key
+    assert itself["memory"]["teachers_in_memory"] == 1 and itself["memory"]["teachers_from_student"] == 1

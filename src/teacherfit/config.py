@@ -258,8 +258,9 @@ class AlignConfig(Strict):
     student: str = Field(description="Student model being trained (hub id, folder, .gguf, packaged name).")
     expert: str | None = Field(None, description="Frozen domain expert (same tokenizer as the student).")
     expert_cache: Path | None = Field(None, description="Or the expert's top-k cache from `cache-teacher` (not loaded).")
-    reference: str | None = Field(None, description="Frozen general reference model, e.g. the student's own starting "
-                                  "weights (then DAE keeps what the student already does on general samples).")
+    reference: str | None = Field(None, description="Frozen general reference model. 'student': the student's own "
+                                  "starting weights (a LoRA student with adapters off: no second copy in memory), "
+                                  "so DAE keeps what the student already does on general samples.")
     reference_cache: Path | None = Field(None, description="Or the reference model's top-k cache from `cache-teacher`.")
     teacher_device: str | None = Field(None, description="Device of online teachers (default: the student's).")
     data: TrainData

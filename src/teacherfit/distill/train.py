@@ -252,6 +252,30 @@ class OnlineTeacher:
             self.capture.__exit__(None, None, None)
 
 
+class StartingWeightsTeacher:
+    """The student's own starting weights as a frozen teacher, at no memory cost: a LoRA student with its
+    adapters switched off (``peft``'s ``disable_adapter``) is exactly the model it started from.
+
+    For DAE's general reference this keeps, on non-domain samples, what the student already did. The output
+    head must not carry adapters (peft's ``all-linear`` leaves it out), since the KD chunks call it later.
+    """
+
+    def __init__(self, model: nn.Module, *, vocab: int | None, student_device: torch.device):
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("the starting-weights teacher needs a LoRA student (set `lora`), or give the model itself")
+        self.model, self.vocab, self.student_device = model, vocab, student_device
+
+    def __call__(self, micro: Micro) -> dict[str, Any]:
+        with torch.no_grad(), self.model.disable_adapter():
+            hidden = decoder_of(self.model)(input_ids=micro.input_ids.to(self.student_device),
+                                            attention_mask=micro.attention_mask.to(self.student_device)).last_hidden_state
+        return {"teacher_hidden": hidden.detach(), "teacher_head": output_head(self.model, self.vocab),
+                "teacher_softcap": softcap_of(self.model)}
+
+    def close(self) -> None:
+        pass
+
+
 class CachedTeacher:
     """The teacher's top-k distributions read from an offline cache (no teacher in memory)."""
 

@@ -28,13 +28,14 @@ from teacherfit.config import AlignConfig, EvaluateConfig, prepare_run_dir
 from teacherfit.data import Record, load_records, tokenize_example
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import example_key, tokenize_records, training_records
-from teacherfit.distill.train import CachedTeacher, OnlineTeacher, RoutedTeacher, train
+from teacherfit.distill.train import CachedTeacher, OnlineTeacher, RoutedTeacher, StartingWeightsTeacher, train
 from teacherfit.models import load_model, load_tokenizer, resolve_model
 from teacherfit.routing import DOMAIN, GENERAL, Routing, resample_to_share, route, sample_text, share_of
 from teacherfit.store import atomic_write_json, atomic_write_text
 from teacherfit.ui import console, rich_table
 
 ROUTE_TEACHER = {DOMAIN: "expert", GENERAL: "reference"}
+STUDENT_ITSELF = "student"  # `reference: student`: the student's own starting weights
 
 
 # ---------------------------------------------------------------- memory
@@ -74,7 +75,13 @@ def _teacher_sources(cfg: AlignConfig) -> dict[str, tuple[str, Any]]:
         if not (model or cache):
             raise ValueError(f"align needs the {who} model: give `{who}` or `{who}_cache` "
                              "(or kd.lambda=0 to train on the responses alone)")
-        out[name] = ("model", model) if model else ("cache", cache)
+        if model == STUDENT_ITSELF:
+            if name != GENERAL:
+                raise ValueError(f"`expert: {STUDENT_ITSELF}` makes no sense: the expert brings the domain knowledge")
+            # a LoRA student with adapters off is its starting weights (no copy); otherwise load a frozen copy
+            out[name] = ("self", None) if cfg.lora is not None else ("model", cfg.student)
+        else:
+            out[name] = ("model", model) if model else ("cache", cache)
     return out
 
 
@@ -145,6 +152,8 @@ def check_teachers(cfg: AlignConfig, sources: dict[str, tuple[str, Any]], studen
     notes, rows, caches = [], [student_rows], {}
     for name, (kind, where) in sources.items():
         who = ROUTE_TEACHER[name]
+        if kind == "self":
+            continue
         if kind == "model":
             tok = load_tokenizer(where, trust_remote_code=cfg.models.trust_remote_code)
             t_rows = _config_rows(where, cfg.models.trust_remote_code)
@@ -303,6 +312,9 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
 
         def make(name: str):
             kind, where = sources[name]
+            if kind == "self":
+                teachers_loaded[name] = {"model": cfg.student, "kind": "the student's starting weights (LoRA adapters off)"}
+                return StartingWeightsTeacher(student, vocab=vocab, student_device=student_device)
             if kind == "cache":
                 teachers_loaded[name] = {"cache": str(caches[name].folder), **caches[name].meta.get("teacher", {})}
                 return CachedTeacher(caches[name], student_device, loss_kwargs=caches[name].loss_kwargs())
@@ -321,6 +333,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
                    resume=resume, label="align")
     memory = {"train_peak_rss_mb": peak_rss_mb(),
               "teachers_in_memory": sum(1 for kind, _ in sources.values() if kind == "model"),
+              "teachers_from_student": sum(1 for kind, _ in sources.values() if kind == "self"),
               "teachers_cached": sum(1 for kind, _ in sources.values() if kind == "cache")}
     if torch.cuda.is_available():
         memory["train_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -63,6 +63,7 @@ def build_student(cfg: DistillConfig | AlignConfig):
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: the same config gives the same init
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     model.train()
