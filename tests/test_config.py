@@ -77,6 +77,10 @@ def test_every_example_config_parses(path):
     cls = {"quickstart.yaml": QuickstartConfig, "generate.yaml": GenerateConfig, "evaluate.yaml": EvaluateConfig}.get(name)
     if cls is None:
         cls = GenerateConfig if name.startswith("generate") else RankConfig if name.startswith("rank") else None
+    if name.startswith("study"):
+        from teacherfit.config import StudyConfig
+
+        cls = StudyConfig
     if cls is None:
         from teacherfit.config import CorrelateConfig
 

@@ -83,3 +83,32 @@ def test_evaluate_report_renders_in_headless_chromium(evaluate_report, tmp_path)
     artifacts = Path(os.environ.get("TEACHERFIT_ARTIFACTS", REPO / "build" / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, artifacts / "evaluate-report.png")
+
+
+from test_study import judge_server, study_workspace, studied  # noqa: E402,F401  (fixtures: a tiny study run)
+
+
+def test_study_report_renders_in_headless_chromium(studied, tmp_path):
+    report = studied[0] / "report.html"
+    expected_tables = report.read_text().count("<table")
+    with HeadlessChromium(CHROMIUM) as browser:
+        page = browser.open(report.resolve().as_uri())
+        facts = browser.evaluate(page, PAGE_FACTS)
+        shot = browser.screenshot(page, tmp_path / "study-report.png")
+
+    assert facts["title"] == "teacherfit study"
+    assert len(facts["tables"]) == expected_tables >= 8
+    captions = [t["caption"] for t in facts["tables"]]
+    for caption in ("Our correlations next to the paper's", "Larger-versus-smaller pairs",
+                    "Xu et al. 2024, Table 4 (Spearman rho with AP)"):
+        assert caption in captions
+    assert all(t["rows"] >= 2 for t in facts["tables"])
+    assert len(facts["images"]) == 3  # outcome per teacher, correlations, metric-vs-outcome scatter
+    for image in facts["images"]:
+        assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
+    assert facts["external"] == []
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    artifacts = Path(os.environ.get("TEACHERFIT_ARTIFACTS", REPO / "build" / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artifacts / "study-report.png")

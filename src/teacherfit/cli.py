@@ -204,6 +204,21 @@ def evaluate(
 
 
 @app.command()
+def study(
+    config: Optional[Path] = ConfigOpt,
+    student: Optional[str] = typer.Option(None, help="Student base model: hub id, folder, .gguf or packaged name."),
+    out: Optional[Path] = OutOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """The CAR paper's experiment: rank N teachers, fine-tune the student on each, evaluate, correlate; resumable."""
+    from teacherfit.config import StudyConfig
+    from teacherfit.pipelines.study import run_study
+
+    result = _run(run_study, StudyConfig, config, overrides, student=student, out=out)
+    console.print(f"report: {Path(result['run_dir']) / 'report.html'}")
+
+
+@app.command()
 def quickstart(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Defaults to the embedded quickstart config."),
     out: Optional[Path] = OutOpt,

@@ -323,6 +323,8 @@ class PairwiseOptions(Strict):
     reference: TeacherConfig | None = Field(
         None, description="The reference answers: a response set (backend: file) or a model to generate them.")
     limit: int | None = Field(None, ge=1, description="Use only the first N instructions.")
+    judged: bool = Field(True, description="false: no judge on the pairs, only the cheap signals on them (reward win "
+                         "rate, held-out loss) - what fits a CPU when many students are evaluated.")
 
 
 class EvaluateConfig(Strict):
@@ -355,6 +357,92 @@ class EvaluateConfig(Strict):
             v = {"model": v}
         if isinstance(v, dict) and "name" not in v:
             v = {**v, "name": info.field_name}
+        return v
+
+
+class StudyRank(RankConfig):
+    """`rank`'s options for a study; the student and the response sets come from the study."""
+
+    student: str | None = Field(None, description="Leave unset: the study's `student`.")
+
+
+class StudyFinetune(DistillConfig):
+    """`distill`'s options for a study's fine-tunes: sequence-level KD (kd.lambda = 0, CE on the teacher's
+    responses), the same budget for every teacher. The student and the data come from the study."""
+
+    student: str | None = Field(None, description="Leave unset: the study's `student`.")
+    data: TrainData = Field(TrainData(), description="Leave unset: each teacher's responses to the training split.")
+    kd: KDConfig = Field(KDConfig(**{"lambda": 0.0}), description="Sequence-level KD only: kd.lambda must be 0.")
+
+    @field_validator("kd", mode="before")
+    @classmethod
+    def _sequence_level(cls, v: Any) -> Any:
+        return {**v, "lambda": 0.0} if isinstance(v, dict) and "lambda" not in v and "lambda_" not in v else v
+
+    @field_validator("kd")
+    @classmethod
+    def _no_logits(cls, v: KDConfig) -> KDConfig:
+        if v.lambda_ != 0:
+            raise ValueError("a study fine-tunes on each teacher's responses (sequence-level KD): kd.lambda must be 0")
+        return v
+
+
+class StudyEvaluate(EvaluateConfig):
+    """`evaluate`'s options for a study; the student is each fine-tuned model in turn. By default the pairwise
+    part uses the study's held-out instructions."""
+
+    student: TeacherConfig | None = Field(None, description="Leave unset: each fine-tuned student.")
+
+
+class StudyGenerate(GenerateConfig):
+    """`generate`'s options for a study (decoding, models); instructions and teachers come from the study."""
+
+    instructions: Path | None = Field(None, description="Leave unset: the study's training split.")
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="Leave unset: the study's teachers.")
+
+
+class TeacherPair(Strict):
+    """Two teachers of one family, to check the paradox: did the larger one give the better student?"""
+
+    larger: str
+    smaller: str
+    family: str | None = None
+
+
+STUDY_OUTCOMES = ("mtbench", "win_rate", "lc_win_rate", "reward_win_rate", "reward_mean", "heldout_loss")
+
+
+class StudyConfig(Strict):
+    """The CAR paper's experiment for one student and N teachers: responses, every rank metric, a fine-tune per
+    teacher (same budget), an evaluation per fine-tuned student, and how well each metric predicted the outcome."""
+
+    instructions: Path = Field(description="Instruction set (any format `generate` reads).")
+    heldout: int = Field(4, ge=0, description="Instructions held out of fine-tuning (seeded choice); the students "
+                         "are evaluated on them (pairwise and reward win rate, held-out loss) unless evaluate says otherwise.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N instructions.")
+    student: str = Field(description="The untuned student base model: ranked for, then fine-tuned on each teacher.")
+    teachers: list[TeacherConfig] = Field(min_length=3, description="Teacher settings (a model with its decoding, a "
+                                          "server, or an existing response set); two decodings of one model are two settings.")
+    generate: StudyGenerate = StudyGenerate()
+    rank: StudyRank = StudyRank()
+    finetune: StudyFinetune = StudyFinetune()
+    evaluate: StudyEvaluate = StudyEvaluate()
+    outcome: Literal[STUDY_OUTCOMES] = Field(  # type: ignore[valid-type]
+        "reward_win_rate", description="The evaluated number each metric is correlated with: 'mtbench' (overall score), "
+        "'win_rate' / 'lc_win_rate' (pairwise, judged), 'reward_win_rate', 'reward_mean' (mean reward of the student's "
+        "answers), 'heldout_loss' (negated: higher = better). The others are reported too.")
+    pairs: list[TeacherPair] = Field(default_factory=list, description="Larger/smaller teachers of one family.")
+    baseline: bool = Field(True, description="Also evaluate the untuned student (context only, not correlated).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the correlations' 95% intervals.")
+    seed: int = 0
+    out: Path | None = None
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique(cls, v: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique: {names}")
         return v
 
 

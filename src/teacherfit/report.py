@@ -312,3 +312,31 @@ class Report:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def plot_metric_scatter(rows: list[dict], metrics: list[str], outcome: str, *, title: str,
+                        label_key: str = "teacher") -> str:
+    """One small scatter per metric: each teacher's metric value (x) against its outcome (y), labelled.
+
+    Values are drawn raw (not oriented); a panel whose metric was not measured says so instead of drawing.
+    """
+    n = max(1, len(metrics))
+    cols = min(4, n)
+    grid_rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 2.8 * grid_rows + 0.4), layout="constrained")
+    y = np.array([_as_float(row.get(outcome)) for row in rows])
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(grid_rows, cols, k + 1)
+        x = np.array([_as_float(row.get(metric)) for row in rows])
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any():
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#5b6475")
+        ax.plot(x[ok], y[ok], "o", color="#4c72b0")
+        for xi, yi, row in zip(x[ok], y[ok], [r for r, keep in zip(rows, ok) if keep]):
+            ax.annotate(str(row[label_key]), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(metric, fontsize=8)
+        ax.set_ylabel(outcome, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return figure_to_data_uri(fig)

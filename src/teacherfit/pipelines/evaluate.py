@@ -332,7 +332,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                            cfg.decoding) if pairs else {})
     # 3. judge
     jid = judge_id(cfg.judge, cfg.judge_decoding)
-    tasks = judge_tasks(questions, turn1, turn2, pairs, reference, prompts, jid)
+    tasks = judge_tasks(questions, turn1, turn2, pairs if cfg.pairwise.judged else [], reference, prompts, jid)
     judgments = run_judge(tasks, cfg, run_dir, prompt_source)
     judge_model = next((j["judge_model"] for j in judgments), {"name": cfg.judge.name})
 
@@ -359,7 +359,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             notes.append(f"MT-Bench: {unparsed} of {len(singles)} judge outputs had no readable [[rating]] (or the "
                          "prompt was too long); they are counted here and left out of the scores, not scored 0")
     pair_items: list[dict] = []
-    if cfg.pairwise.enabled:
+    if cfg.pairwise.enabled and cfg.pairwise.judged:
         results["pairwise"], pair_items = pairwise_summary(pairs, judgments, turn1, reference, cfg.bootstrap, cfg.seed)
         results["pairwise"]["reference"] = next((r.meta.get("teacher") for r in reference.values()),
                                                 {"name": cfg.pairwise.reference.name})

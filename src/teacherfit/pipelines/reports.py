@@ -159,3 +159,82 @@ def evaluate_report(results: dict[str, Any], mtbench_rows: list[dict], pair_item
         rep.add_table(pair_items[:20], ["id", "category", "verdict_ab", "verdict_ba", "outcome", "student_chars",
                                         "reference_chars"], caption="Pairwise items (first 20; all in pairwise.parquet)")
     return rep
+
+
+STUDY_METRICS = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+
+
+def study_report(results: dict[str, Any]) -> R.Report:
+    outcome = results["outcome"]
+    teachers = results["teachers"]
+    corr = results["correlations"]
+    inst = results["instructions"]
+    rep = R.Report("teacherfit study", f"{len(teachers)} teacher settings, student {results['student'].get('model')}, "
+                                       f"outcome: {outcome}")
+    rep.add_paragraph(
+        "The CAR paper's experiment at this scale: each teacher's responses are scored with every rank metric, the "
+        "student is fine-tuned on each teacher's responses with the same budget (sequence-level KD: cross-entropy on "
+        "the responses), each fine-tuned student is evaluated, and each metric's ranking of the teachers is compared "
+        "with the ranking by outcome. Metrics are oriented so that a positive correlation means the metric agreed "
+        "(lower loss, perplexity and IFD are negated).")
+    rep.add_kv({
+        "student": results["student"], "reference LM": results["reference_lm"] or "none", "reward": results["reward"],
+        "CAR": f"reward / (1 + beta * student loss), beta = {results['beta']}, variant: {results['car_variant']}",
+        "instructions": inst, "fine-tune (every teacher)": results["finetune"], "evaluation": results["evaluation"],
+        "outcome": f"{outcome} (heldout_loss is negated: higher = better)", "seconds": results["seconds"],
+    })
+    for note in results["notes"]:
+        rep.add_note(note)
+    rep.add_heading("Teacher settings")
+    rep.add_table(results["teacher_settings"], ["teacher", "backend", "model", "decoding"])
+    rep.add_heading("Metrics and outcomes per teacher")
+    cols = ["teacher", "outcome", "outcome_low", "outcome_high", "outcome_rank"] + STUDY_METRICS + [
+        c for c in teachers[0] if c.startswith("outcome_") and c not in ("outcome_low", "outcome_high", "outcome_rank")
+    ] + ["finetune_steps", "finetune_final_loss"]
+    rep.add_table(teachers, cols, caption=f"Rank metrics (training split) and evaluated outcomes; outcome = {outcome}")
+    if results.get("baseline"):
+        rep.add_table([{"student": "untuned (context, not correlated)", **results["baseline"]}],
+                      caption="The untuned student evaluated the same way")
+    rep.add_image(R.plot_metric_with_ci(teachers, "outcome", title=f"{outcome} of the student fine-tuned on each teacher",
+                                        ylabel=outcome), alt="outcome per teacher")
+    rep.add_heading("How well each metric predicted the outcome")
+    if "correlations" in corr:
+        rep.add_table(corr["correlations"], ["metric", "spearman", "spearman_low", "spearman_high", "kendall",
+                                             "kendall_low", "kendall_high", "n"],
+                      caption=f"Spearman and Kendall correlation with {outcome} over {corr['n_teachers']} teachers "
+                              "(95% bootstrap intervals)")
+        rep.add_image(R.plot_correlations(corr["correlations"], title=f"Spearman's rho with {outcome} (95% bootstrap CI)"),
+                      alt="correlations")
+        loo = corr.get("beta_calibration") or {}
+        if loo:
+            rep.add_kv({"beta on all teachers": loo.get("beta_full"), "beta per held-out teacher": loo.get("betas_loo"),
+                        "Spearman of leave-one-out CAR": loo.get("corr_loo"), "CAR variant": loo.get("variant")})
+    else:
+        rep.add_note(f"no correlation: {corr.get('error')}")
+    rep.add_image(R.plot_metric_scatter(teachers, STUDY_METRICS, "outcome", title=f"Each metric against {outcome}"),
+                  alt="metric against outcome")
+    others = {k: v for k, v in results["correlations_by_outcome"].items() if isinstance(v, list)}
+    if others:
+        rows = [{"metric": m, **{k: next((r["spearman"] for r in v if r["metric"] == m), None) for k, v in others.items()}}
+                for m in STUDY_METRICS]
+        rep.add_table(rows, ["metric", *others], caption="Spearman's rho of each metric with every evaluated signal")
+    if results["pairs"]:
+        rep.add_heading("Larger versus smaller teachers of one family")
+        rep.add_paragraph("Did the larger teacher give the better student, and did each metric prefer the teacher that "
+                          "did (right / wrong)?")
+        rep.add_table(results["pairs"], ["family", "larger", "smaller", "outcome_larger", "outcome_smaller",
+                                         "better_student_from"] + STUDY_METRICS, caption="Larger-versus-smaller pairs")
+    if results["table4"]:
+        rep.add_heading("Next to the paper's Table 4")
+        rep.add_paragraph("The paper: Spearman rho with AP (AlpacaEval 2 LC win rate and Arena-Hard) over 19 open teachers, "
+                          "five base models. 'consistent': the paper's mean lies inside our 95% interval; 'differs': it "
+                          "does not. With a handful of teachers the intervals are wide: read the verdicts with them.")
+        rep.add_table(results["table4"], ["metric", "paper column", "rho (ours)", "low", "high", "kendall (ours)",
+                                          "rho (paper mean)", "paper min", "paper max", "verdict"],
+                      caption="Our correlations next to the paper's")
+        rep.add_table([{"base model": k, **v} for k, v in results["paper_table4"].items()],
+                      caption="Xu et al. 2024, Table 4 (Spearman rho with AP)")
+    rep.add_heading("Stages")
+    rep.add_table([{"stage": k, **v} for k, v in results["stages"].items()], ["stage", "seconds", "skipped"],
+                  caption="Wall time per stage (for a skipped stage: when it ran)")
+    return rep

@@ -1,0 +1,417 @@
+"""`teacherfit study`: the CAR paper's experiment, end to end, for one student base and N teacher settings.
+
+The sequence, each stage in its own subdirectory of the study's run directory:
+1. ``data/``: the instructions split (seeded) into a training part and a held-out part;
+2. ``generate/``: each teacher's responses to the training part (generated, or read from a response set);
+3. ``rank/``: every `rank` metric (CAR, reward, length, PPL and IFD under the student and a reference LM);
+4. ``finetune/<teacher>/``: the student fine-tuned on each teacher's responses (`distill` with kd.lambda = 0,
+   i.e. sequence-level KD), the same budget for every teacher;
+5. ``evaluate/<teacher>/`` (and ``evaluate/base/``, the untuned student for context): `evaluate` of each
+   fine-tuned student, by default on the held-out instructions;
+6. correlation of every metric with the outcome (Spearman and Kendall, bootstrap intervals), the
+   larger-versus-smaller teacher pairs, beta by leave-one-out, and the comparison with the paper's Table 4.
+
+A stage that finished writes ``stage.json`` with a digest of its config; a re-run with the same config skips
+it, and a stage that was interrupted resumes through its own command's resumability (generate and evaluate
+keep every finished row, distill its checkpoints, rank its scored stages).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel
+
+from teacherfit import metrics
+from teacherfit.config import (
+    DistillConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    RankConfig,
+    StudyConfig,
+    config_digest,
+    prepare_run_dir,
+)
+from teacherfit.data import Record, load_records
+from teacherfit.pipelines.correlate import CORRELATED, correlate
+from teacherfit.store import atomic_write_json, atomic_write_text
+from teacherfit.ui import console, rich_table
+
+# how each outcome is read from an `evaluate` results.json; held-out loss is negated so higher = better
+OUTCOME_READERS: dict[str, Callable[[dict], float]] = {
+    "mtbench": lambda r: r["mtbench"]["overall"]["score"],
+    "win_rate": lambda r: r["pairwise"]["win_rate"]["win_rate"],
+    "lc_win_rate": lambda r: r["pairwise"]["lc_win_rate"]["lc_win_rate"],
+    "reward_win_rate": lambda r: r["reward_win_rate"]["win_rate"],
+    "reward_mean": lambda r: r["reward_win_rate"]["mean_student"],
+    "heldout_loss": lambda r: -r["heldout_loss"]["mean"],
+}
+# interval ends of each outcome where evaluate reports one (same orientation as OUTCOME_READERS)
+OUTCOME_INTERVALS: dict[str, Callable[[dict], tuple[float, float]]] = {
+    "mtbench": lambda r: (r["mtbench"]["overall"]["low"], r["mtbench"]["overall"]["high"]),
+    "win_rate": lambda r: (r["pairwise"]["win_rate"]["low"], r["pairwise"]["win_rate"]["high"]),
+    "lc_win_rate": lambda r: (r["pairwise"]["lc_win_rate"]["low"], r["pairwise"]["lc_win_rate"]["high"]),
+    "reward_win_rate": lambda r: (r["reward_win_rate"]["low"], r["reward_win_rate"]["high"]),
+    "heldout_loss": lambda r: (-r["heldout_loss"]["high"], -r["heldout_loss"]["low"]),
+}
+# our metric -> the paper's Table 4 columns it stands for (our reward is one reward source, theirs three RMs)
+PAPER_COLUMNS: dict[str, list[str]] = {
+    "car": ["CAR"], "reward": ["ArmoRM", "Sky-8B", "Sky-27B"], "length": ["length"],
+    "ppl_student": ["PPL-self"], "ifd_student": ["IFD-self"], "ppl_ref": ["PPL-GPT2"], "ifd_ref": ["IFD-GPT2"],
+    "loss_student": [],
+}
+BASELINE = "base"
+
+
+def _read_outcome(kind: str, results: dict) -> float:
+    try:
+        value = OUTCOME_READERS[kind](results)
+    except (KeyError, TypeError):
+        return math.nan
+    return float(value) if value is not None else math.nan
+
+
+def _read_interval(kind: str, results: dict) -> tuple[float, float]:
+    try:
+        low, high = OUTCOME_INTERVALS[kind](results)
+    except (KeyError, TypeError):
+        return math.nan, math.nan
+    return (math.nan if low is None else float(low)), (math.nan if high is None else float(high))
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def run_stage(stage_dir: Path, stage_cfg: BaseModel, fn: Callable[[], Any], timings: dict[str, dict], name: str) -> bool:
+    """Run ``fn`` unless ``stage_dir/stage.json`` records a finished run of the same config; True if it ran."""
+    digest = config_digest(stage_cfg)
+    marker = stage_dir / "stage.json"
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("digest") == digest:
+            timings[name] = {"seconds": done["seconds"], "skipped": True}
+            console.print(f"[dim]study: {name} already done ({done['seconds']:.0f} s when it ran), skipped[/]")
+            return False
+        console.print(f"[yellow]study: {name} ran before with another config; running it again[/]")
+    console.rule(f"study: {name}")
+    start = time.perf_counter()
+    fn()
+    seconds = round(time.perf_counter() - start, 1)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"digest": digest, "seconds": seconds,
+                               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    timings[name] = {"seconds": seconds, "skipped": False}
+    return True
+
+
+def split_instructions(cfg: StudyConfig, run_dir: Path) -> dict[str, Any]:
+    """Seeded choice of ``cfg.heldout`` instructions for evaluation; the rest are the training instructions."""
+    report = load_records(cfg.instructions, format=cfg.generate.format, on_error=cfg.generate.on_error,
+                          limit=cfg.limit)
+    records = [Record(r.id, r.prompt, r.source, {}) for r in report.records]
+    if cfg.heldout >= len(records):
+        raise ValueError(f"heldout={cfg.heldout} leaves no training instruction out of {len(records)}")
+    held = set(np.random.default_rng(cfg.seed).choice(len(records), size=cfg.heldout, replace=False).tolist())
+    data = run_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = {"train": data / "train.jsonl", "heldout": data / "heldout.jsonl"}
+    for part, keep in (("train", lambda i: i not in held), ("heldout", lambda i: i in held)):
+        rows = [records[i].to_row() for i in range(len(records)) if keep(i)]
+        atomic_write_text(paths[part], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"train": paths["train"], "heldout": paths["heldout"] if held else None,
+            "n_train": len(records) - len(held), "n_heldout": len(held), "source": report.summary()}
+
+
+def _dump(section: BaseModel, *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {k: v for k, v in section.model_dump(mode="json", by_alias=True).items() if k not in drop}
+
+
+def generate_config(cfg: StudyConfig, train: Path, run_dir: Path) -> GenerateConfig:
+    return GenerateConfig.model_validate({**_dump(cfg.generate), "instructions": str(train),
+                                          "teachers": [t.model_dump(mode="json") for t in cfg.teachers],
+                                          "out": str(run_dir / "generate")})
+
+
+def rank_config(cfg: StudyConfig, run_dir: Path) -> RankConfig:
+    return RankConfig.model_validate({**_dump(cfg.rank), "student": cfg.student, "responses": [],
+                                      "generate_run": str(run_dir / "generate"), "out": str(run_dir / "rank")})
+
+
+def finetune_config(cfg: StudyConfig, teacher: str, run_dir: Path) -> DistillConfig:
+    path = run_dir / "generate" / "responses" / f"{teacher}.jsonl"
+    return DistillConfig.model_validate({**_dump(cfg.finetune), "student": cfg.student,
+                                         "data": {**_dump(cfg.finetune.data), "responses": [{"name": teacher, "path": str(path)}]},
+                                         "out": str(run_dir / "finetune" / teacher)})
+
+
+def evaluate_config(cfg: StudyConfig, model: str, name: str, heldout: Path | None, run_dir: Path) -> EvaluateConfig:
+    values = _dump(cfg.evaluate)
+    if values["pairwise"].get("instructions") is None and heldout is not None:
+        values["pairwise"]["instructions"] = str(heldout)
+    return EvaluateConfig.model_validate({**values, "student": {"name": "student", "model": model},
+                                          "out": str(run_dir / "evaluate" / name)})
+
+
+def preflight(cfg: StudyConfig) -> None:
+    """Mistakes that would otherwise surface after an hour of work: misplaced fields, unknown pair names."""
+    misplaced = [name for name, value in (
+        ("rank.student", cfg.rank.student), ("rank.responses", cfg.rank.responses), ("rank.generate_run", cfg.rank.generate_run),
+        ("finetune.student", cfg.finetune.student), ("finetune.data.responses", cfg.finetune.data.responses),
+        ("finetune.data.best_of_rank", cfg.finetune.data.best_of_rank), ("evaluate.student", cfg.evaluate.student),
+        ("generate.instructions", cfg.generate.instructions), ("generate.teachers", cfg.generate.teachers)) if value]
+    if misplaced:
+        raise ValueError(f"the study sets {', '.join(misplaced)} itself (student, instructions, teachers at the top "
+                         "level); leave them unset")
+    if cfg.finetune.teacher or cfg.finetune.teacher_cache or cfg.finetune.student_init:
+        raise ValueError("finetune: the study fine-tunes the student itself on each teacher's responses; "
+                         "leave teacher, teacher_cache and student_init unset")
+    names = {t.name for t in cfg.teachers}
+    for pair in cfg.pairs:
+        unknown = {pair.larger, pair.smaller} - names
+        if unknown:
+            raise ValueError(f"pairs: {sorted(unknown)} are not teacher names ({sorted(names)})")
+    for t in cfg.teachers:
+        t.check_backend()
+    if BASELINE in names and cfg.baseline:
+        raise ValueError(f"a teacher may not be called {BASELINE!r} (the untuned student's evaluation) with baseline on")
+
+
+# -------------------------------------------------------------------------------------------- analysis
+
+
+def outcome_table(teachers: list[str], evaluations: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """outcome kind -> teacher -> value, for every kind measured for at least one teacher."""
+    table = {kind: {t: _read_outcome(kind, evaluations[t]) for t in teachers} for kind in OUTCOME_READERS}
+    return {k: v for k, v in table.items() if any(math.isfinite(x) for x in v.values())}
+
+
+def correlations_for(rank_teachers: list[dict], outcomes: dict[str, float], n_boot: int, seed: int) -> dict[str, Any]:
+    """`correlate` (oriented metrics, Spearman with CI, Kendall, leave-one-out beta) plus Kendall intervals."""
+    finite = {t: v for t, v in outcomes.items() if math.isfinite(v)}
+    result = correlate(rank_teachers, finite, n_boot=n_boot, seed=seed) if len(finite) >= 3 else None
+    if result is None:
+        return {"error": f"only {len(finite)} teachers have this outcome; correlations need 3"}
+    by_name = {t["teacher"]: t for t in rank_teachers if t["teacher"] in finite}
+    names = result["teachers"]
+    for row in result["correlations"]:
+        m = row["metric"]
+        x = [metrics.METRIC_DIRECTION.get(m, 1) * by_name[n][m] for n in names]
+        if n_boot and len(names) >= 2:
+            _, row["kendall_low"], row["kendall_high"] = metrics.bootstrap_corr_ci(
+                x, result["outcomes"], "kendall", n_resamples=n_boot, seed=seed)
+        else:
+            row["kendall_low"] = row["kendall_high"] = math.nan
+    result.pop("paper_table4", None)
+    return result
+
+
+def safe_correlations(rank_teachers, outcomes, n_boot, seed) -> dict[str, Any]:
+    try:
+        return correlations_for(rank_teachers, outcomes, n_boot, seed)
+    except ValueError as err:  # e.g. a constant outcome: no beta gives a defined correlation
+        return {"error": str(err)}
+
+
+def pair_checks(pairs, rank_teachers: list[dict], outcomes: dict[str, float]) -> list[dict]:
+    """Per larger/smaller pair: which teacher gave the better student, and which one each metric preferred."""
+    by_name = {t["teacher"]: t for t in rank_teachers}
+    rows = []
+    for pair in pairs:
+        big, small = outcomes.get(pair.larger, math.nan), outcomes.get(pair.smaller, math.nan)
+        better = None if not (math.isfinite(big) and math.isfinite(small)) else (
+            "larger" if big > small else "smaller" if small > big else "tie")
+        row = {"family": pair.family or "", "larger": pair.larger, "smaller": pair.smaller,
+               "outcome_larger": big, "outcome_smaller": small, "better_student_from": better}
+        for m in CORRELATED:
+            a = by_name.get(pair.larger, {}).get(m, math.nan)
+            b = by_name.get(pair.smaller, {}).get(m, math.nan)
+            if not (math.isfinite(a) and math.isfinite(b)) or a == b:
+                row[m] = None
+                continue
+            prefers = "larger" if metrics.METRIC_DIRECTION.get(m, 1) * (a - b) > 0 else "smaller"
+            row[m] = prefers if better in (None, "tie") else ("right" if prefers == better else "wrong")
+        rows.append(row)
+    return rows
+
+
+def table4_comparison(correlations: list[dict]) -> list[dict]:
+    """Our rho per metric next to the paper's (mean and range over its five base models)."""
+    paper = metrics.PAPER_TABLE4
+    bases = [b for b in paper if b != "mean"]
+    rows = []
+    for row in correlations:
+        for column in PAPER_COLUMNS.get(row["metric"], []) or [None]:
+            ours, low, high = row["spearman"], row["spearman_low"], row["spearman_high"]
+            out = {"metric": row["metric"], "paper column": column or "-", "rho (ours)": ours,
+                   "low": low, "high": high, "kendall (ours)": row["kendall"]}
+            if column is None:
+                out["verdict"] = "no paper column"
+            else:
+                values = [paper[b][column] for b in bases]
+                out.update({"rho (paper mean)": paper["mean"][column], "paper min": min(values), "paper max": max(values)})
+                if not math.isfinite(ours):
+                    out["verdict"] = "undefined here"
+                else:
+                    same_sign = (ours > 0) == (paper["mean"][column] > 0)
+                    inside = math.isfinite(low) and low <= paper["mean"][column] <= high
+                    out["verdict"] = ("consistent" if inside else "differs") + (
+                        "" if same_sign else " (opposite sign)")
+            rows.append(out)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run_study(cfg: StudyConfig) -> dict[str, Any]:
+    run_dir = prepare_run_dir(cfg, "study")
+    preflight(cfg)
+    clock = time.perf_counter()
+    timings: dict[str, dict] = {}
+    notes: list[str] = []
+    split = split_instructions(cfg, run_dir)
+    console.print(f"study: {split['n_train']} training and {split['n_heldout']} held-out instructions ({split['source']})")
+    from teacherfit.pipelines.distill import run_distill
+    from teacherfit.pipelines.evaluate import run_evaluate
+    from teacherfit.pipelines.generate import run_generate
+    from teacherfit.pipelines.rank import run_rank
+
+    # 1-2. responses, then every rank metric
+    gen_cfg = generate_config(cfg, split["train"], run_dir)
+    run_stage(run_dir / "generate", gen_cfg, lambda: run_generate(gen_cfg), timings, "generate")
+    rank_cfg = rank_config(cfg, run_dir)
+    run_stage(run_dir / "rank", rank_cfg, lambda: run_rank(rank_cfg), timings, "rank")
+    ranked = json.loads((run_dir / "rank" / "results.json").read_text())
+    names = [t.name for t in cfg.teachers]
+
+    # 3. a fine-tune per teacher, same budget
+    finetunes: dict[str, dict] = {}
+    for name in names:
+        ft_cfg = finetune_config(cfg, name, run_dir)
+        run_stage(run_dir / "finetune" / name, ft_cfg, lambda c=ft_cfg: run_distill(c, resume=True), timings,
+                  f"finetune {name}")
+        finetunes[name] = json.loads((run_dir / "finetune" / name / "summary.json").read_text())
+
+    # 4. an evaluation per fine-tuned student (and the untuned one, for context)
+    evaluations: dict[str, dict] = {}
+    students = [(n, finetunes[n]["model_dir"]) for n in names] + ([(BASELINE, cfg.student)] if cfg.baseline else [])
+    for name, model in students:
+        ev_cfg = evaluate_config(cfg, model, name, split["heldout"], run_dir)
+        run_stage(run_dir / "evaluate" / name, ev_cfg, lambda c=ev_cfg: run_evaluate(c), timings, f"evaluate {name}")
+        evaluations[name] = json.loads((run_dir / "evaluate" / name / "results.json").read_text())
+
+    # 5. how well each metric predicted the outcome
+    outcomes = outcome_table(names, evaluations)
+    if cfg.outcome not in outcomes:
+        raise ValueError(f"outcome {cfg.outcome!r} was not measured by this evaluation config (measured: "
+                         f"{sorted(outcomes)}); set `outcome` to one of those or enable it under `evaluate`")
+    by_outcome = {kind: safe_correlations(ranked["teachers"], values, cfg.bootstrap, cfg.seed)
+                  for kind, values in outcomes.items()}
+    primary = by_outcome[cfg.outcome]
+    if "error" in primary:
+        notes.append(f"no correlation with {cfg.outcome}: {primary['error']}")
+    teachers = _teacher_rows(ranked["teachers"], names, outcomes, evaluations, finetunes, cfg.outcome)
+    baseline = ({kind: _read_outcome(kind, evaluations[BASELINE]) for kind in OUTCOME_READERS}
+                if cfg.baseline else None)
+    pairs = pair_checks(cfg.pairs, ranked["teachers"], outcomes[cfg.outcome])
+    table4 = table4_comparison(primary["correlations"]) if "correlations" in primary else []
+    notes += _findings(primary, pairs, cfg.outcome)
+    if ranked["car_variant"] == "sign_safe":
+        notes.append("CAR used the sign-safe variant (some rewards <= 0)")
+
+    results = {
+        "student": ranked["student"],
+        "reference_lm": ranked["reference_lm"],
+        "reward": ranked["reward"],
+        "beta": ranked["beta"],
+        "car_variant": ranked["car_variant"],
+        "outcome": cfg.outcome,
+        "instructions": {"source": str(cfg.instructions), "n_train": split["n_train"], "n_heldout": split["n_heldout"],
+                         "ranked_on": ranked["n_instructions"]},
+        "teacher_settings": [_setting(t, cfg) for t in cfg.teachers],
+        "finetune": {"kd_lambda": 0.0, "train": cfg.finetune.train.model_dump(), "lora": cfg.finetune.lora and cfg.finetune.lora.model_dump()},
+        "evaluation": {"judge": evaluations[names[0]].get("judge"), "signals": sorted(outcomes)},
+        "teachers": teachers,
+        "baseline": baseline,
+        "correlations": primary,
+        "correlations_by_outcome": {k: v.get("correlations", v) for k, v in by_outcome.items()},
+        "beta_by_outcome": {k: v.get("beta_calibration") for k, v in by_outcome.items()},
+        "pairs": pairs,
+        "table4": table4,
+        "paper_table4": metrics.PAPER_TABLE4,
+        "stages": timings,
+        "seconds": round(time.perf_counter() - clock, 1),
+        "notes": notes,
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    from teacherfit.pipelines.reports import study_report
+
+    study_report(results).write(run_dir / "report.html")
+    _print_summary(results)
+    console.print(f"results: {run_dir}")
+    results["run_dir"] = str(run_dir)
+    return results
+
+
+def _setting(t, cfg: StudyConfig) -> dict[str, Any]:
+    decoding = t.decoding or cfg.generate.decoding
+    what = {"file": str(t.responses), "openai": t.remote and t.remote.model}.get(t.backend, t.model)
+    return {"teacher": t.name, "backend": t.backend, "model": what,
+            "decoding": None if t.backend == "file" else decoding.model_dump()}
+
+
+def _teacher_rows(rank_teachers, names, outcomes, evaluations, finetunes, primary: str) -> list[dict]:
+    by_name = {t["teacher"]: t for t in rank_teachers}
+    rows = []
+    for name in names:
+        row = {k: v for k, v in by_name.get(name, {"teacher": name}).items()}
+        for kind, values in outcomes.items():
+            row[f"outcome_{kind}"] = values[name]
+        row["outcome"] = outcomes[primary][name]
+        row["outcome_low"], row["outcome_high"] = _read_interval(primary, evaluations[name])
+        final = finetunes[name].get("final") or {}
+        row["finetune_steps"] = finetunes[name].get("steps")
+        row["finetune_final_loss"] = final.get("loss")
+        rows.append(row)
+    order = sorted(rows, key=lambda r: -r["outcome"] if math.isfinite(r["outcome"]) else math.inf)
+    for rank, row in enumerate(order, 1):
+        row["outcome_rank"] = rank
+    return rows
+
+
+def _findings(primary: dict, pairs: list[dict], outcome: str) -> list[str]:
+    """Plain sentences on what held: which metric led, and the larger-versus-smaller pairs."""
+    out = []
+    rows = [r for r in primary.get("correlations", []) if math.isfinite(r["spearman"])]
+    if rows:
+        best = max(r["spearman"] for r in rows)
+        leaders = [r["metric"] for r in rows if r["spearman"] == best]
+        car_row = next((r for r in rows if r["metric"] == "car"), None)
+        out.append(f"best predictor of {outcome}: {', '.join(leaders)} (Spearman {best:.3f})"
+                   + (f"; CAR: {car_row['spearman']:.3f}" if car_row else "; CAR undefined"))
+        loo = primary.get("beta_calibration") or {}
+        if "corr_loo" in loo:
+            out.append(f"beta calibrated on all teachers: {loo['beta_full']:.3g}; CAR with beta chosen by leave-one-out: "
+                       f"Spearman {loo['corr_loo']:.3f} (the honest number for a calibrated CAR)")
+    for p in pairs:
+        if p["better_student_from"] in ("larger", "smaller"):
+            out.append(f"{p['larger']} vs {p['smaller']}: the {p['better_student_from']} teacher gave the better student"
+                       f" ({p['outcome_larger']:.3f} vs {p['outcome_smaller']:.3f}); CAR was {p['car'] or 'undecided'}")
+    return out
+
+
+def _print_summary(results: dict) -> None:
+    cols = ["teacher", "car", "reward", "loss_student", "length", "outcome", "outcome_rank"]
+    console.print(rich_table(results["teachers"], cols, title=f"teachers; outcome = {results['outcome']}"))
+    corr = results["correlations"]
+    if "correlations" in corr:
+        console.print(rich_table(corr["correlations"], ["metric", "spearman", "spearman_low", "spearman_high", "kendall"],
+                                 title=f"correlation with {results['outcome']} over {corr['n_teachers']} teachers"))
+    for note in results["notes"]:
+        console.print(f"[yellow]note:[/] {note}")

@@ -1,0 +1,210 @@
+"""`teacherfit study` end to end on tiny models: every stage, the correlations recomputed from what the run
+recorded, a second run that skips every stage, and an interrupted evaluation that resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from teacherfit import metrics
+from teacherfit.cli import app
+from teacherfit.config import ConfigError, StudyConfig, load_config
+from teacherfit.data import Record
+from test_evaluate import scripted_judge
+from test_rewards import scripted_server
+from tiny import CORPUS, save_tiny, tiny_llama, tiny_qwen2
+
+runner = CliRunner()
+
+INSTRUCTIONS = ["Write a short poem about the sea.", "List three colours.", "What is the capital of France?",
+                "Explain how a neural network learns.", "def add(a, b):", "Translate good morning into French.",
+                "Name a colour of the sky.", "Say something about a fox."]
+FILE_TEACHERS = {  # response style per file teacher: distinct lengths and content
+    "long": lambda i: " ".join(CORPUS[i % 8: i % 8 + 3]),
+    "short": lambda i: CORPUS[(i + 3) % 8].split(".")[0] + ".",
+    "numbers": lambda i: "Sure! Here is an answer with numbers 0123456789." * (1 + i % 2),
+}
+METRICS = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+
+
+@pytest.fixture(scope="module")
+def study_workspace(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("study")
+    student = save_tiny(tiny_llama(tokenizer, seed=4), tokenizer, root / "student")
+    teacher = save_tiny(tiny_qwen2(tokenizer, seed=2), tokenizer, root / "teacher")
+    torch.manual_seed(5)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    rm_dir = save_tiny(rm, tokenizer, root / "rm")
+    (root / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
+    for name, answer in FILE_TEACHERS.items():
+        rows = [Record.from_messages([{"role": "user", "content": t}]).with_response(answer(i)).to_row()
+                for i, t in enumerate(INSTRUCTIONS)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "instructions": "instructions.jsonl",
+        "heldout": 3,
+        "student": str(student),
+        "teachers": [
+            *({"name": n, "backend": "file", "responses": f"{n}.jsonl"} for n in FILE_TEACHERS),
+            # one model, two decoding settings: two teachers
+            {"name": "qwen-greedy", "model": str(teacher), "decoding": {"max_new_tokens": 8}},
+            {"name": "qwen-sampled", "model": str(teacher), "decoding": {"max_new_tokens": 8, "temperature": 1.0, "seed": 3}},
+        ],
+        "pairs": [{"family": "file", "larger": "long", "smaller": "short"}],
+        "rank": {"reference_lm": str(teacher), "reward": {"kind": "classifier", "model": str(rm_dir)}, "max_length": 96,
+                 "bootstrap": 50},
+        "finetune": {"train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 0,
+                               "max_length": 64, "checkpoint_every": 1}},
+        "evaluate": {"mtbench": {"enabled": False},
+                     "pairwise": {"reference": {"name": "ref", "backend": "file", "responses": "long.jsonl"}},
+                     "reward": {"kind": "classifier", "model": str(rm_dir)}, "decoding": {"max_new_tokens": 6},
+                     "max_length": 96, "bootstrap": 50},
+        "outcome": "heldout_loss",
+        "bootstrap": 200,
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return root, path
+
+
+def _judge_url(base_url: str) -> str:
+    return f"evaluate.judge={{backend: openai, remote: {{base_url: '{base_url}', model: fake, max_retries: 0}}}}"
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    """One scripted judge for the module: its URL is part of the judge's identity, so re-runs must see the same."""
+    with scripted_server(scripted_judge) as (base_url, seen):
+        yield base_url, seen
+
+
+@pytest.fixture(scope="module")
+def studied(study_workspace, judge_server):
+    root, path = study_workspace
+    base_url, seen = judge_server
+    out = root / "run"
+    result = runner.invoke(app, ["study", "-c", str(path), "--out", str(out), "--set", _judge_url(base_url)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    first = len(seen)
+    # the same command again: every stage is skipped, nothing generated, trained or judged
+    again = runner.invoke(app, ["study", "-c", str(path), "--out", str(out), "--set", _judge_url(base_url)])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    second = len(seen) - first
+    return out, first, second, base_url
+
+
+def test_study_runs_every_stage_in_its_own_directory(studied):
+    out, requests, _, _ = studied
+    results = json.loads((out / "results.json").read_text())
+    names = ["long", "short", "numbers", "qwen-greedy", "qwen-sampled"]
+    assert [t["teacher"] for t in results["teachers"]] == names
+    assert results["instructions"]["n_train"] == 5 and results["instructions"]["n_heldout"] == 3
+    for name in names:
+        assert (out / "finetune" / name / "model" / "config.json").exists()
+        summary = json.loads((out / "finetune" / name / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["teacher"] is None  # sequence-level KD: no teacher model
+        assert (out / "evaluate" / name / "results.json").exists()
+    # the fine-tunes trained on the teachers' answers to the training split only
+    held = {json.loads(line)["id"] for line in (out / "data" / "heldout.jsonl").read_text().splitlines()}
+    for name in names:
+        ids = {json.loads(line)["id"] for line in (out / "generate" / "responses" / f"{name}.jsonl").read_text().splitlines()}
+        assert len(ids) == 5 and not ids & held
+    sampled = [json.loads(line) for line in (out / "generate/responses/qwen-sampled.jsonl").read_text().splitlines()]
+    assert all(r["decoding"]["temperature"] == 1.0 for r in sampled)
+    # evaluated on the held-out instructions: 6 students (5 + the untuned one) x 3 items x 2 orders
+    assert requests == 6 * 3 * 2
+    assert results["baseline"] is not None and math.isfinite(results["baseline"]["heldout_loss"])
+    assert set(results["stages"]) == {"generate", "rank", *(f"finetune {n}" for n in names),
+                                      *(f"evaluate {n}" for n in names + ["base"])}
+
+
+def test_study_correlations_are_recomputable_from_recorded_values(studied):
+    out, _, _, _ = studied
+    results = json.loads((out / "results.json").read_text())
+    rank = {t["teacher"]: t for t in json.loads((out / "rank" / "results.json").read_text())["teachers"]}
+    names = [t["teacher"] for t in results["teachers"]]
+    # the outcome: the negated held-out loss each evaluation recorded
+    outcome = [-json.loads((out / "evaluate" / n / "results.json").read_text())["heldout_loss"]["mean"] for n in names]
+    assert [t["outcome"] for t in results["teachers"]] == pytest.approx(outcome)
+    rows = {r["metric"]: r for r in results["correlations"]["correlations"]}
+    assert set(rows) == set(METRICS)
+    for m in METRICS:
+        x = [metrics.METRIC_DIRECTION[m] * rank[n][m] for n in names]
+        assert rows[m]["spearman"] == pytest.approx(metrics.spearman(x, outcome), nan_ok=True)
+        assert rows[m]["kendall"] == pytest.approx(metrics.kendall(x, outcome), nan_ok=True)
+        if math.isfinite(rows[m]["spearman"]):
+            assert rows[m]["spearman_low"] <= rows[m]["spearman_high"]
+    loo = metrics.loo_calibrated_car([rank[n]["reward"] for n in names], [rank[n]["loss_student"] for n in names], outcome)
+    assert results["correlations"]["beta_calibration"]["corr_loo"] == pytest.approx(loo["corr_loo"], nan_ok=True)
+    # every other signal is correlated too
+    assert {"win_rate", "lc_win_rate", "reward_win_rate", "reward_mean", "heldout_loss"} <= set(results["correlations_by_outcome"])
+    # the pair: which teacher's student was better, and whether each metric preferred that teacher
+    (pair,) = results["pairs"]
+    big, small = outcome[names.index("long")], outcome[names.index("short")]
+    assert pair["better_student_from"] == ("larger" if big > small else "smaller" if small > big else "tie")
+    if pair["better_student_from"] in ("larger", "smaller"):
+        d = metrics.METRIC_DIRECTION["car"] * (rank["long"]["car"] - rank["short"]["car"])
+        prefers = "larger" if d > 0 else "smaller"
+        assert pair["car"] == ("right" if prefers == pair["better_student_from"] else "wrong")
+    # next to Table 4: reward stands for the paper's three reward models
+    table4 = results["table4"]
+    assert [r["paper column"] for r in table4 if r["metric"] == "reward"] == ["ArmoRM", "Sky-8B", "Sky-27B"]
+    car_row = next(r for r in table4 if r["metric"] == "car")
+    assert car_row["rho (paper mean)"] == metrics.PAPER_TABLE4["mean"]["CAR"]
+
+
+def test_second_study_run_skips_every_stage(studied):
+    out, _, second, _ = studied
+    assert second == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(stage["skipped"] for stage in results["stages"].values())
+
+
+def test_interrupted_evaluation_resumes_without_judging_again(studied, study_workspace, judge_server):
+    out, _, _, _ = studied
+    base_url, seen = judge_server
+    _, path = study_workspace
+    before = json.loads((out / "results.json").read_text())
+    # as if killed after judging but before the evaluation finished: its marker and results are gone
+    (out / "evaluate" / "short" / "stage.json").unlink()
+    (out / "evaluate" / "short" / "results.json").unlink()
+    from teacherfit.pipelines.study import run_study
+
+    requests = len(seen)
+    results = run_study(load_config(StudyConfig, path, [_judge_url(base_url), f"out={out}"]))
+    assert len(seen) == requests  # judgments already on disk are reused
+    assert [k for k, v in results["stages"].items() if not v["skipped"]] == ["evaluate short"]
+    assert results["teachers"][1]["outcome"] == pytest.approx(before["teachers"][1]["outcome"])
+
+
+def test_study_report_is_self_contained(studied):
+    out, _, _, _ = studied
+    html = (out / "report.html").read_text()
+    assert "Next to the paper&#x27;s Table 4" in html or "Next to the paper's Table 4" in html
+    assert html.count('<img src="data:image/png;base64,') == 3
+    assert not re.search(r"""(src|href)=["'](?!data:)""", html) and "<script" not in html and "<link" not in html
+
+
+def test_study_config_keeps_to_sequence_level_kd_and_its_own_fields(study_workspace):
+    _, path = study_workspace
+    with pytest.raises(ConfigError, match="kd.lambda must be 0"):
+        load_config(StudyConfig, path, ["finetune.kd.lambda=0.5"])
+    from teacherfit.pipelines.study import preflight
+
+    with pytest.raises(ValueError, match="rank.student"):
+        preflight(load_config(StudyConfig, path, ["rank.student=x"]))
+    with pytest.raises(ValueError, match="not teacher names"):
+        preflight(load_config(StudyConfig, path, ["pairs=[{larger: nope, smaller: short}]"]))
+    cfg = load_config(StudyConfig, Path(path))
+    assert cfg.finetune.kd.lambda_ == 0.0 and cfg.outcome == "heldout_loss"
