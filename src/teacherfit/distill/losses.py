@@ -515,23 +515,25 @@ def _forward_kl_chunk_grad(
 
     The fused path's kernel for the default divergence: ``z`` (student) and ``t`` (teacher) are fp32 logits
     [c, V] owned by the caller and overwritten; besides them only one more [c, V] tensor is allocated,
-    where autograd on ``_forward_kl_tokens`` keeps about six. Same values as ``_forward_kl_tokens`` and
+    where autograd on ``_forward_kl_tokens`` keeps about six, and the passes over [c, V] are few (the
+    per-row sums are dot products, which need no temporary). Same values as ``_forward_kl_tokens`` and
     ``F.cross_entropy``; the gradient is the closed form d/dz [tau^2 KL(p_t || softmax(z / tau))] =
     tau * (softmax(z / tau) - p_t), plus ce_weight * (softmax(z) - onehot(y)), which needs tau = 1 when
     ce_weight != 0 (the caller checks). Logits must be finite (the caller checks).
     """
-    inv = 1.0 / temperature
+    if temperature != 1.0:
+        z.mul_(1.0 / temperature)
+        t.mul_(1.0 / temperature)
+    lse_z = torch.logsumexp(z, -1)
     ce = torch.zeros((), dtype=torch.float32, device=z.device)
-    if y is not None:  # CE at tau = 1 on the raw logits, before they are overwritten
-        ce = (torch.logsumexp(z, -1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).sum()
-    t.mul_(inv)
-    t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p_t
-    z.mul_(inv)
-    z.sub_(torch.logsumexp(z, -1, keepdim=True))  # log q (student)
+    if y is not None:  # CE at tau = 1 (the caller checks that tau = 1 when the CE has a weight)
+        raw_lse = lse_z if temperature == 1.0 else torch.logsumexp(z * temperature, -1)
+        ce = (raw_lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1) * temperature).sum()
+    t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p
     p = t.exp()
-    t.sub_(z).mul_(p)  # p * (log p - log q); finite logits: p == 0 only by underflow, where the product is 0
-    kd = t.sum() * temperature**2
-    dz = z.exp_()  # q
+    # KL(p || q) per row = sum p log p - sum p z + lse(z), since sum p = 1 and log q = z - lse(z)
+    kd = (torch.linalg.vecdot(p, t) - torch.linalg.vecdot(p, z) + lse_z).sum() * temperature**2
+    dz = z.sub_(lse_z.unsqueeze(-1)).exp_()  # q
     if y is not None and ce_weight != 0:  # tau == 1 here, so q = softmax(z) serves both terms
         dz.mul_(kd_weight + ce_weight).sub_(p, alpha=kd_weight)
         rows = torch.arange(dz.shape[0], device=dz.device)
