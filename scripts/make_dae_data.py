@@ -10,7 +10,7 @@ Two steps, both deterministic:
     teacherfit generate -c src/teacherfit/assets/quickstart/generate-dae.yaml --out runs/dae-generate
         the expert's (Qwen2.5-Coder-1.5B-Instruct) greedy responses to them;
     python scripts/make_dae_data.py split runs/dae-generate
-        writes dae/train.jsonl (12 domain rows with the expert's responses, `domain: true`, and 12 general
+        writes dae/train.jsonl (interleaved: 12 domain rows with the expert's responses, `domain: true`, and 12 general
         rows: the first 12 quickstart ShareGPT prompts with the reference model's (Qwen2.5-Coder-0.5B-Instruct,
         the student's own starting weights) responses, `domain: false`), dae/heldout_domain.jsonl (the other 6
         HumanEval prompts, expert responses) and dae/heldout_general.jsonl (the other 8 ShareGPT prompts,
@@ -71,7 +71,9 @@ def split(generate_run: Path) -> None:
     general = load_records(ASSETS / "responses" / "qwen2.5-coder-0.5b-instruct.jsonl", require_response=True).records
     expert = [r.with_response(r.response, domain=True) for r in expert]
     general = [r.with_response(r.response, domain=False) for r in general]
-    write_records(DAE / "train.jsonl", expert[:N_DOMAIN_TRAIN] + general[:N_GENERAL_TRAIN])
+    # interleaved (domain, general, domain, ...), so that the first N rows (data.limit) hold both routes
+    mixed = [r for pair in zip(expert[:N_DOMAIN_TRAIN], general[:N_GENERAL_TRAIN]) for r in pair]
+    write_records(DAE / "train.jsonl", mixed)
     write_records(DAE / "heldout_domain.jsonl", expert[N_DOMAIN_TRAIN:])
     write_records(DAE / "heldout_general.jsonl", general[N_GENERAL_TRAIN:])
     print(f"wrote train ({N_DOMAIN_TRAIN} + {N_GENERAL_TRAIN}), held-out domain ({len(expert) - N_DOMAIN_TRAIN}) "

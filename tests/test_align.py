@@ -360,3 +360,26 @@ def test_reference_student_is_the_starting_weights_without_a_copy(ws, tmp_path):
     for key in ("loss", "kd", "kd_domain", "kd_general", "ce"):
         assert itself["final"][key] == pytest.approx(copy["final"][key], rel=1e-5, abs=1e-7), key
     assert itself["memory"]["teachers_in_memory"] == 1 and itself["memory"]["teachers_from_student"] == 1
+
+
+def test_evaluate_hook_reports_judged_scores_before_and_after(ws, tmp_path, monkeypatch):
+    """`evaluate:` runs `teacherfit evaluate` on the starting and the trained student (stubbed here: the judge
+    itself is tested in test_evaluate.py) and puts the headline scores side by side."""
+    import teacherfit.pipelines.evaluate as ev
+    from teacherfit.pipelines.align import run_align
+
+    seen = []
+
+    def fake_run_evaluate(cfg):
+        seen.append((cfg.student.model, cfg.mtbench.limit, cfg.out))
+        score = 3.0 if len(seen) == 1 else 4.5
+        return ev.EvaluateResult(cfg.out, {"mtbench": {"overall": {"score": score}},
+                                           "heldout_loss": {"mean": 1.0 / score}})
+
+    monkeypatch.setattr(ev, "run_evaluate", fake_run_evaluate)
+    summary = run_align(_cfg(ws, tmp_path / "ev", "train.max_steps=1", "evaluate={mtbench: {limit: 2}}"))
+    assert [s[0] for s in seen] == [str(ws["student"]), summary["model_dir"]] and seen[0][1] == 2
+    judged = summary["judged"]
+    assert judged["before"]["scores"]["MT-Bench score (1-10)"] == 3.0
+    assert judged["after"]["scores"]["MT-Bench score (1-10)"] == 4.5
+    assert "Judged scores (teacherfit evaluate) before and after" in (tmp_path / "ev" / "report.html").read_text()

@@ -54,9 +54,12 @@ def test_real_judge_prefers_a_correct_answer():
 
 
 def test_quickstart_end_to_end(tmp_path):
-    """The embedded default, shortened (8 instructions, 2 distillation steps) to fit CI; same code path."""
+    """The embedded default, shortened (8 instructions, 2 distillation steps, 1 DAE step on 8 samples, 2 held-out
+    samples per set) to fit CI; same code path."""
     result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--set", "rank.bootstrap=200",
-                                      "--set", "rank.limit=8", "--set", "distill.train.max_steps=2"])
+                                      "--set", "rank.limit=8", "--set", "distill.train.max_steps=2",
+                                      "--set", "align.train.max_steps=1", "--set", "align.data.limit=8",
+                                      "--set", "align.heldout.limit=2"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     results = json.loads((tmp_path / "qs" / "rank" / "results.json").read_text())
@@ -81,3 +84,16 @@ def test_quickstart_end_to_end(tmp_path):
     assert first["loss"] == pytest.approx(first["ce"] * 0 + first["kd"] + first["attn"], rel=1e-6)  # lambda = 1
     assert (tmp_path / "qs" / "distill" / "model" / "model.safetensors").exists()
     assert "distill" in summary["seconds"]
+    # then DAE: the coder expert on code prompts, the student's starting weights on chat prompts
+    align = json.loads((tmp_path / "qs" / "align" / "results.json").read_text())
+    assert align["routing"]["source"] == "classifier" and align["routing"]["counts"]["domain"] >= 1
+    assert align["routing"]["agreement_with_flag"]["agree"] == 8  # the MiniLM classifier agrees with the flags
+    assert align["teachers"]["reference"]["kind"].startswith("the student's starting weights")
+    first = align["first"]
+    assert first["loss"] == pytest.approx(first["kd"], rel=1e-6)  # lambda = 1
+    assert first["kd"] == pytest.approx(first["kd_domain"] + first["kd_general"], rel=1e-6)
+    assert first["kd_general"] == pytest.approx(0.0, abs=1e-5)  # step 1: LoRA is zero, the student is its start
+    assert first["kd_domain"] > 0.01
+    assert [r["set"].split(" ")[0] for r in align["heldout"]["table"]] == ["domain", "general"]
+    assert all(0 < r["loss_before"] < 10 and 0 < r["loss_after"] < 10 for r in align["heldout"]["table"])
+    assert (tmp_path / "qs" / "align" / "report.html").exists() and "align" in summary["seconds"]

@@ -6,6 +6,9 @@
    regenerates them with ``teacherfit generate``.
 2. distill: SmolLM2-135M-Instruct into a half-depth student built from its own layers, with logit and
    attention KD, a few minutes on CPU; loss curves in the distill report.
+3. align (DAE): Qwen2.5-Coder-1.5B-Instruct as the Python-coding expert for a Qwen2.5-Coder-0.5B-Instruct
+   student (LoRA), the student's starting weights as the general reference; HumanEval prompts are the domain,
+   ShareGPT chat the rest; held-out domain and general losses before and after in the align report.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from teacherfit.config import QuickstartConfig, prepare_run_dir
+from teacherfit.pipelines.align import run_align
 from teacherfit.pipelines.distill import run_distill
 from teacherfit.pipelines.rank import run_rank
 from teacherfit.store import atomic_write_json
@@ -40,7 +44,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         summary["seconds"]["distill"] = round(lap.seconds, 1)
         summary["distill"] = {"model": distilled["model_dir"], "first": distilled.get("first"),
                               "final": distilled["final"], "report": str(run_dir / "distill" / "report.html")}
+    if cfg.align is not None:
+        lap = Stopwatch()
+        aligned = run_align(cfg.align.model_copy(update={"out": run_dir / "align"}))
+        summary["seconds"]["align"] = round(lap.seconds, 1)
+        summary["align"] = {"model": aligned["model_dir"], "heldout": aligned["heldout"]["table"],
+                            "routing": aligned["routing"]["counts"], "final": aligned["final"],
+                            "report": str(run_dir / "align" / "report.html")}
     atomic_write_json(run_dir / "summary.json", summary)
-    console.print(f"[bold green]quickstart done[/] in {clock.seconds:.0f} s; reports: {summary['report']}"
-                  + (f", {summary['distill']['report']}" if "distill" in summary else ""))
+    reports = [summary["report"]] + [summary[k]["report"] for k in ("distill", "align") if k in summary]
+    console.print(f"[bold green]quickstart done[/] in {clock.seconds:.0f} s; reports: {', '.join(reports)}")
     return summary
