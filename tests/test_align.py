@@ -383,3 +383,30 @@ def test_evaluate_hook_reports_judged_scores_before_and_after(ws, tmp_path, monk
     assert judged["before"]["scores"]["MT-Bench score (1-10)"] == 3.0
     assert judged["after"]["scores"]["MT-Bench score (1-10)"] == 4.5
     assert "Judged scores (teacherfit evaluate) before and after" in (tmp_path / "ev" / "report.html").read_text()
+
+
+def test_two_process_ddp_align_matches_one_process_with_accumulation(ws, tmp_path):
+    """Two CPU processes (gloo), the same global batch per step: same losses, per-route KD and grad norms."""
+    def write(name, grad_accum):
+        cfg = {"student": str(ws["student"]), "expert": str(ws["expert"]), "reference": str(ws["reference"]),
+               "data": {"responses": [{"name": "t", "path": str(ws["data"])}]}, "models": {"device": "cpu"},
+               "kd": {"lambda": 0.6},
+               "train": {"batch_size": 2, "grad_accum": grad_accum, "max_steps": 2, "warmup_steps": 1, "lr": 1e-3},
+               "out": str(tmp_path / name)}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    single = subprocess.run([sys.executable, "-m", "teacherfit", "align", "-c", str(write("single", 2))],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29549", "-m", "teacherfit", "align", "-c", str(write("ddp", 1))],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    a = [json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "kd_domain", "kd_general", "grad_norm", "tokens"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
