@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacherfit.data import Record, load_records, write_records  # noqa: E402
+from teacherfit.data import Record, load_records, write_records
 
 ASSETS = Path(__file__).resolve().parents[1] / "src/teacherfit/assets/quickstart"
 DAE = ASSETS / "dae"

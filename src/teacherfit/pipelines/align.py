@@ -337,7 +337,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
               "teachers_cached": sum(1 for kind, _ in sources.values() if kind == "cache")}
     if torch.cuda.is_available():
         memory["train_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    del student
+    student = None  # free the training copy before the held-out scoring loads the final model
     gc.collect()
 
     # 5) held-out losses of the trained student, and optional judged scores before and after
