@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="part 1: also run teacherfit with these kd.head_chunk values (default: none)")
     ap.add_argument("--no-memory", action="store_true",
                     help="part 1: the speed run only (skip the two peak-memory runs)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="teacherfit's students use train.gradient_checkpointing (TRL's stays off, as specified)")
     ap.add_argument("--compare-checkpointed", action="store_true",
                     help="part 1: also run teacherfit's checkpointed head path (kd.fused_head=false) side by side")
     ap.add_argument("--kd-batch", type=int, default=2, help="part 2 batch size, real models (default: %(default)s)")
@@ -301,6 +303,11 @@ class TeacherfitStepper:
         cpu = torch.device("cpu")
         self.module, self.kd = kd_module(args, student, head_chunk, fused)
         self.chunk = self.kd.chunk_for(student.get_output_embeddings().weight.shape[0])
+        self.gradient_checkpointing = args.gradient_checkpointing
+        if args.gradient_checkpointing:
+            from teacherfit.distill.train import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(student)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
@@ -321,6 +328,7 @@ class TeacherfitStepper:
 
     def result(self) -> dict:
         return {"step_s": self.step_s, "kd_loss": self.kd_loss, "head_chunk": self.chunk, "fused": self.kd.fused_head,
+                "gradient_checkpointing": self.gradient_checkpointing,
                 "optimizer": f"torch.optim.AdamW (fused={self.optimizer.defaults.get('fused')}, weight_decay 0)"}
 
 
@@ -509,6 +517,8 @@ def spawn(args, only: str, cell: dict | None = None, head_chunk: int | None = No
         forward += ["--extra-head-chunks", *map(str, args.extra_head_chunks)]
     if args.compare_checkpointed:
         forward.append("--compare-checkpointed")
+    if args.gradient_checkpointing:
+        forward.append("--gradient-checkpointing")
     if args.data:
         forward += ["--data", str(args.data)]
     if head_chunk:

@@ -290,3 +290,21 @@ def test_attention_kd_with_a_cache_is_refused(ws, tmp_path):
 
     with pytest.raises(ValueError, match="attention KD needs the online teacher"):
         run_distill(_cfg(ws, tmp_path / "x", "teacher=null", f"teacher_cache={tmp_path}"))
+
+
+def test_gradient_checkpointing_gives_the_same_run(ws, tmp_path):
+    """train.gradient_checkpointing recomputes the student's activations: same losses and weights, to fp32 noise."""
+    from teacherfit.pipelines.distill import run_distill
+
+    base = ("kd.w_attn=0", "train.max_steps=2")
+    a = run_distill(_cfg(ws, tmp_path / "a", *base))
+    b = run_distill(_cfg(ws, tmp_path / "b", *base, "train.gradient_checkpointing=true"))
+    for key in ("first", "final"):
+        assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-6)
+        assert b[key]["grad_norm"] == pytest.approx(a[key]["grad_norm"], rel=1e-5)
+    ma = AutoModelForCausalLM.from_pretrained(a["model_dir"])
+    mb = AutoModelForCausalLM.from_pretrained(b["model_dir"])
+    for (name, pa), (_, pb) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    with pytest.raises(ValueError, match="attention KD"):
+        run_distill(_cfg(ws, tmp_path / "c", "train.gradient_checkpointing=true"))

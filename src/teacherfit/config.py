@@ -188,6 +188,9 @@ class TrainOptions(Strict):
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student decoder's activations in backward (less memory, ~1/3 more student compute)."
+    )
 
 
 class TrainData(Strict):

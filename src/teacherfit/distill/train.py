@@ -335,6 +335,13 @@ class RoutedTeacher:
             teacher.close()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (transformers' own, non-reentrant)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
 def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """AdamW with torch's fused kernel (one pass over each parameter; CPU and CUDA), else the default."""
     try:
@@ -446,6 +453,11 @@ def train(
         raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch (batch_size={opts.batch_size})")
 
     attn_on = bool(kd.w_attn > 0 and kd.lambda_ > 0 and layer_map)
+    if opts.gradient_checkpointing:
+        if attn_on:
+            raise ValueError("train.gradient_checkpointing cannot be combined with attention KD (the captured maps "
+                             "would be recorded again during recomputation): set kd.w_attn=0 or turn it off")
+        enable_gradient_checkpointing(student)
     capture = AttentionCapture(student, list(layer_map)) if attn_on else None
     module = DistillModule(student, kd, vocab=vocab, layer_map=layer_map if attn_on else None, capture=capture)
     params = [p for p in module.parameters() if p.requires_grad]
