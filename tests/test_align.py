@@ -2,15 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from procs import killed_and_resumed
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -302,12 +301,6 @@ def test_cli_dry_run_routes_and_lists_borderline_samples(ws, tmp_path):
 # ---------------------------------------------------------------- resume
 
 
-def _start(cfg_path):
-    return subprocess.Popen([sys.executable, "-m", "teacherfit", "align", "-c", str(cfg_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
 def test_killed_align_run_resumes_with_the_same_loss_curve(ws, tmp_path):
     def write(out, steps=10):
         cfg = {"student": str(ws["student"]), "expert": str(ws["expert"]), "reference": str(ws["reference"]),
@@ -321,24 +314,8 @@ def test_killed_align_run_resumes_with_the_same_loss_curve(ws, tmp_path):
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    ref = tmp_path / "ref"
-    proc = _start(write(ref))
-    assert proc.wait(timeout=600) == 0, proc.stdout.read().decode()
-    killed = tmp_path / "killed"
-    cfg = write(killed)
-    proc = _start(cfg)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-0000006" / "state.json").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "model").exists()
-    proc = _start(cfg)
-    output = proc.communicate(timeout=600)[0].decode()
-    assert proc.returncode == 0, output
-    assert "resuming from step-" in output
-    a = [json.loads(line) for line in (ref / "log.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    a, b = killed_and_resumed("align", (write(ref), ref), (write(killed), killed))
     assert [r["step"] for r in b] == list(range(1, 11))
     for ra, rb in zip(a, b):
         for key in ("loss", "ce", "kd", "kd_domain", "kd_general", "lr"):

@@ -3,10 +3,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from teacherfit.data import Record, write_records
 from teacherfit.distill.compat import KDIncompatible, check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
 from teacherfit.distill.train import Schedule, collate
+from procs import killed_and_resumed
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 
 runner = CliRunner()
@@ -192,12 +191,6 @@ def test_lora_student_trains_and_saves_merged(ws, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-def _start(cfg_path):
-    return subprocess.Popen([sys.executable, "-m", "teacherfit", "distill", "-c", str(cfg_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
 def test_killed_run_resumes_with_the_same_loss_curve(ws, tmp_path):
     root, teacher, student, data = ws
 
@@ -212,23 +205,8 @@ def test_killed_run_resumes_with_the_same_loss_curve(ws, tmp_path):
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    ref = tmp_path / "ref"
-    assert _start(write(ref)).wait(timeout=600) == 0
-    killed = tmp_path / "killed"
-    cfg = write(killed)
-    proc = _start(cfg)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-0000006" / "state.json").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "model").exists()
-    proc = _start(cfg)
-    output = proc.communicate(timeout=600)[0].decode()
-    assert proc.returncode == 0, output
-    assert "resuming from step-" in output
-    a = [json.loads(l) for l in (ref / "log.jsonl").read_text().splitlines()]
-    b = [json.loads(l) for l in (killed / "log.jsonl").read_text().splitlines()]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    a, b = killed_and_resumed("distill", (write(ref), ref), (write(killed), killed))
     assert [r["step"] for r in b] == list(range(1, 13))  # no duplicates, no gaps
     for ra, rb in zip(a, b):
         for key in ("loss", "ce", "kd", "attn", "lr"):
