@@ -57,58 +57,46 @@ def evaluate_report(tmp_path_factory, tokenizer) -> Path:
     return root / "run" / "report.html"
 
 
-def test_evaluate_report_renders_in_headless_chromium(evaluate_report, tmp_path):
-    html = evaluate_report.read_text()
-    expected_tables = html.count("<table")
+def check_rendered_report(report: Path, tmp_path: Path, *, title: str, captions: tuple[str, ...], images: int,
+                          min_tables: int) -> None:
+    """Render ``report`` in headless Chromium and check it: every table of the file (caption, header row and
+    data), every embedded image decoded to real pixels, nothing fetched from anywhere; the screenshot is kept
+    under build/test-artifacts (or $TEACHERFIT_ARTIFACTS)."""
+    expected_tables = report.read_text().count("<table")
+    name = f"{title.split()[-1]}-report.png"
     with HeadlessChromium(CHROMIUM) as browser:
-        page = browser.open(evaluate_report.resolve().as_uri())
+        page = browser.open(report.resolve().as_uri())
         facts = browser.evaluate(page, PAGE_FACTS)
-        shot = browser.screenshot(page, tmp_path / "evaluate-report.png")
+        shot = browser.screenshot(page, tmp_path / name)
 
-    assert facts["title"] == "teacherfit evaluate"
-    # every table of the file is in the rendered page, with its caption and a header row plus data
-    assert len(facts["tables"]) == expected_tables >= 5
-    captions = [t["caption"] for t in facts["tables"]]
-    for caption in ("MT-Bench score per category", "Win rates with 95% bootstrap intervals"):
-        assert caption in captions
+    assert facts["title"] == title
+    assert len(facts["tables"]) == expected_tables >= min_tables
+    found = [t["caption"] for t in facts["tables"]]
+    for caption in captions:
+        assert caption in found
     assert all(t["rows"] >= 2 for t in facts["tables"])
-    # no broken image: each embedded plot decoded to real pixels
-    assert len(facts["images"]) == 2
+    assert len(facts["images"]) == images
     for image in facts["images"]:
         assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
-    assert facts["external"] == []  # self-contained: nothing fetched from anywhere
+    assert facts["external"] == []  # self-contained
 
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     artifacts = Path(os.environ.get("TEACHERFIT_ARTIFACTS", REPO / "build" / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, artifacts / "evaluate-report.png")
+    shutil.copy(shot, artifacts / name)
+
+
+def test_evaluate_report_renders_in_headless_chromium(evaluate_report, tmp_path):
+    check_rendered_report(evaluate_report, tmp_path, title="teacherfit evaluate", min_tables=5, images=2,
+                          captions=("MT-Bench score per category", "Win rates with 95% bootstrap intervals"))
 
 
 from test_study import judge_server, study_workspace, studied  # noqa: E402,F401  (fixtures: a tiny study run)
 
 
 def test_study_report_renders_in_headless_chromium(studied, tmp_path):
-    report = studied[0] / "report.html"
-    expected_tables = report.read_text().count("<table")
-    with HeadlessChromium(CHROMIUM) as browser:
-        page = browser.open(report.resolve().as_uri())
-        facts = browser.evaluate(page, PAGE_FACTS)
-        shot = browser.screenshot(page, tmp_path / "study-report.png")
-
-    assert facts["title"] == "teacherfit study"
-    assert len(facts["tables"]) == expected_tables >= 8
-    captions = [t["caption"] for t in facts["tables"]]
-    for caption in ("Our correlations next to the paper's", "Larger-versus-smaller pairs",
-                    "Xu et al. 2024, Table 4 (Spearman rho with AP)"):
-        assert caption in captions
-    assert all(t["rows"] >= 2 for t in facts["tables"])
-    assert len(facts["images"]) == 3  # outcome per teacher, correlations, metric-vs-outcome scatter
-    for image in facts["images"]:
-        assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
-    assert facts["external"] == []
-    png = shot.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    artifacts = Path(os.environ.get("TEACHERFIT_ARTIFACTS", REPO / "build" / "test-artifacts"))
-    artifacts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, artifacts / "study-report.png")
+    # 3 images: outcome per teacher, correlations, metric-vs-outcome scatter
+    check_rendered_report(studied[0] / "report.html", tmp_path, title="teacherfit study", min_tables=8, images=3,
+                          captions=("Our correlations next to the paper's", "Larger-versus-smaller pairs",
+                                    "Xu et al. 2024, Table 4 (Spearman rho with AP)"))

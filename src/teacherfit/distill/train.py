@@ -359,6 +359,12 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
 
+    def summary(self) -> dict[str, Any]:
+        """The run's part of a command's summary.json: where, how long, and the first and last log rows."""
+        return {"run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
+                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 2),
+                "first": self.log[0] if self.log else None, "final": self.log[-1] if self.log else None}
+
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / CKPT_DIR

@@ -348,11 +348,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
                                          lambda: judged_scores(cfg, cfg.student, run_dir / "evaluate" / "before")),
                   "after": judged_scores(cfg, str(result.model_dir), run_dir / "evaluate" / "after")}
     summary = {
-        "run_dir": str(run_dir),
-        "model_dir": str(result.model_dir),
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "seconds": round(result.seconds, 2),
+        **result.summary(),
         "student": student_prov,
         "teachers": {ROUTE_TEACHER[n]: teachers_loaded.get(n, {"model": s[1], "used": False})
                      for n, s in sources.items()},
@@ -363,8 +359,6 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
         "judged": judged,
         "memory": memory,
         "notes": notes,
-        "first": result.log[0] if result.log else None,
-        "final": result.log[-1] if result.log else None,
     }
     atomic_write_json(run_dir / "results.json", summary)
     align_report(summary, result.log).write(run_dir / "report.html")

@@ -148,19 +148,13 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
     result = train(cfg, run_dir, student, tokenizer, examples, teacher_factory, vocab=vocab, layer_map=layer_map,
                    resume=resume)
     summary = {
-        "run_dir": str(run_dir),
-        "model_dir": str(result.model_dir),
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "seconds": round(result.seconds, 2),
+        **result.summary(),
         "examples": stats,
         "student": student_prov,
         "student_layers": layers_of(student),
         "teacher": teacher_loaded.provenance if teacher_loaded else (cache.meta.get("teacher") if cache else None),
         "layer_map": {str(k): v for k, v in (layer_map or {}).items()},
         "notes": notes,
-        "first": result.log[0] if result.log else None,
-        "final": result.log[-1] if result.log else None,
     }
     atomic_write_json(run_dir / "summary.json", summary)
     from teacherfit.pipelines.reports import distill_report
