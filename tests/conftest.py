@@ -1,6 +1,11 @@
 import importlib.util
+import os
 import sys
 from pathlib import Path
+
+# Nothing in the tests downloads: say so before huggingface_hub reads its constants, so that resolving a hub
+# id never tries the network (the one test of the online check sets its own loopback endpoint).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 

@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 import re
@@ -19,6 +20,7 @@ from teacherfit.data import (
     render_prompt,
     tokenize_example,
     tokenize_prompt,
+    tokenize_response_alone,
     tokenize_text,
     write_records,
 )
@@ -225,7 +227,7 @@ def test_malformed_row_stops_with_file_and_line(tmp_path):
         load_records(path)
     message = str(err.value)
     assert message.startswith(f"{path}:2: invalid JSON")
-    assert "on_error='skip' (CLI: --on-error skip)" in message
+    assert "set on_error: skip" in message and "--set on_error=skip" in message
     assert err.value.path == str(path) and err.value.line == 2
 
 
@@ -281,7 +283,7 @@ def test_sharegpt_unknown_speaker_and_undetectable_first_row(tmp_path):
     assert report.format == "sharegpt" and [r.messages for r in report.records] == [EXPECTED_MESSAGES]
 
     (tmp_path / "none.jsonl").write_text("[1]\n")
-    assert load_records(tmp_path / "none.jsonl", on_error="skip").format == "unknown"
+    assert load_records(tmp_path / "none.jsonl", on_error="skip", allow_empty=True).format == "unknown"
 
 
 def test_duplicates_keep_first_and_empty_responses_are_kept(tmp_path):
@@ -438,8 +440,38 @@ def test_tokenize_prompt_ends_with_generation_prompt(tokenizer):
 def test_tokenize_text_labels_text_and_eos(tokenizer):
     example = tokenize_text(tokenizer, "Red and blue.")
     content = tokenizer("Red and blue.", add_special_tokens=False)["input_ids"]
-    assert example.input_ids == content + [tokenizer.eos_token_id]  # the tiny tokenizer has no BOS
-    assert example.labels == example.input_ids
-    assert (example.n_prompt_tokens, example.n_response_tokens) == (0, len(content) + 1)
-    short = tokenize_text(tokenizer, "Red and blue.", max_length=2)
-    assert short.truncated and short.input_ids == content[:2] and short.labels == content[:2]
+    eos = tokenizer.eos_token_id
+    # the tiny tokenizer has no BOS: EOS opens the sequence, unlabelled, so that the first word is scored too
+    assert example.input_ids == [eos] + content + [eos]
+    assert example.labels == [IGNORE_INDEX] + content + [eos]
+    assert (example.n_prompt_tokens, example.n_response_tokens) == (1, len(content) + 1)
+    short = tokenize_text(tokenizer, "Red and blue.", max_length=3)
+    assert short.truncated and short.input_ids == [eos] + content[:2] and short.labels == [IGNORE_INDEX] + content[:2]
+
+
+def _with_bos(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    return tokenizer
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain-template"])
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
+@pytest.mark.parametrize("chat", [CHAT, MULTI_TURN], ids=["one-turn", "multi-turn"])
+def test_response_alone_scores_exactly_the_conditional_response_tokens(tokenizer, base_tokenizer, template, bos, chat):
+    """IFD's two passes (PPL(A | Q) and PPL(A)) must score the same token ids, whatever the template and BOS."""
+    tok = tokenizer if template else base_tokenizer
+    tok = _with_bos(tok) if bos else tok
+    cond = tokenize_example(tok, chat)
+    alone = tokenize_response_alone(tok, cond)
+
+    def scored(ex):  # position 0 is never scored: it has nothing to be predicted from
+        return [label for label in ex.labels[1:] if label != IGNORE_INDEX]
+
+    assert scored(alone) == scored(cond) == [t for t in cond.labels if t != IGNORE_INDEX]
+    # the response alone: one start token (BOS, else EOS), then the conditional pass's response ids
+    start = tok.bos_token_id if bos else tok.eos_token_id
+    assert alone.input_ids == [start] + scored(cond) and alone.labels[0] == IGNORE_INDEX
+    assert tok.decode(scored(alone)).startswith(chat[-1]["content"])
+    # what tokenize_text scores for the same response is not that: EOS instead of the template's end of turn
+    assert scored(tokenize_text(tok, chat[-1]["content"])) != scored(cond)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from teacherfit.cli import app
-from teacherfit.config import DistillConfig, load_config
+from teacherfit.config import DistillConfig, TrainOptions, load_config
 from teacherfit.data import Record, write_records
 from teacherfit.distill.compat import KDIncompatible, check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
@@ -286,3 +286,48 @@ def test_gradient_checkpointing_gives_the_same_run(ws, tmp_path):
         assert torch.allclose(pa, pb, atol=1e-6), name
     with pytest.raises(ValueError, match="attention KD"):
         run_distill(_cfg(ws, tmp_path / "c", "train.gradient_checkpointing=true"))
+
+
+@pytest.mark.parametrize("n,batch,accum,world,epochs", [(10, 2, 4, 1, 2), (11, 2, 4, 1, 3), (12, 2, 2, 2, 2),
+                                                        (7, 3, 1, 1, 1), (16, 2, 4, 1, 2)])
+def test_epochs_see_every_example_exactly_epochs_times(n, batch, accum, world, epochs):
+    """10 examples, batch 2 x grad_accum 4, 2 epochs: 4 steps of 4 + 1 micro-batches, 20 examples, no step
+    mixing two epochs (it used to be 3 steps of 4 micro-batches, 2.4 epochs)."""
+    opts = TrainOptions(batch_size=batch, grad_accum=accum, epochs=epochs)
+    ranks = [Schedule(n, opts, world, rank) for rank in range(world)]
+    seen = []
+    for step in range(ranks[0].total_steps):
+        micro = [m for s in ranks for m in s.step(step)]
+        assert micro and all(s.step(step) for s in ranks)  # every process has work in every step
+        assert len(micro) <= accum * world and all(1 <= len(m) <= batch for m in micro)
+        # one epoch per step: a step's examples are distinct
+        flat = [i for m in micro for i in m]
+        assert len(flat) == len(set(flat))
+        seen += flat
+    assert len(seen) == epochs * n and all(seen.count(i) == epochs for i in range(n))
+
+
+def test_dry_run_checks_everything_and_loads_nothing(ws, tmp_path, monkeypatch):
+    import teacherfit.pipelines.distill as pipeline
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a dry run must not load weights")
+
+    monkeypatch.setattr(pipeline, "load_model", no_weights)
+    out = tmp_path / "dry"
+    plan = pipeline.run_distill(_cfg(ws, out, "kd.w_attn=0.5", "train.max_steps=null", "train.epochs=2"),
+                                dry_run=True)
+    # 8 examples at batch 2 x grad_accum 2: 2 steps an epoch
+    assert plan["dry_run"] and plan["examples"]["examples"] == len(QA)
+    assert plan["steps"] == 4 and plan["steps_per_epoch"] == 2 and plan["layer_map"] == {"0": 1, "1": 3}
+    assert not out.exists()  # no run directory, model or checkpoint
+    with pytest.raises(ValueError, match="student_init.layers"):
+        pipeline.run_distill(_cfg(ws, out, "student_init={layers: 'first:9'}"), dry_run=True)
+    with pytest.raises(ValueError, match="layer map"):
+        pipeline.run_distill(_cfg(ws, out, "kd.w_attn=0.5", "kd.layer_map='last:5'"), dry_run=True)
+    root, teacher, student, data = ws
+    other = tiny_tokenizer(vocab_size=300)
+    other_dir = save_tiny(tiny_llama(other, seed=3), other, tmp_path / "other")
+    with pytest.raises(KDIncompatible, match="same tokenizer"):
+        pipeline.run_distill(_cfg(ws, out, f"teacher={other_dir}"), dry_run=True)
+    assert not out.exists()

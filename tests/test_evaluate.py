@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from teacherfit import evaluation as E
 from teacherfit.cli import app
 from teacherfit.config import EvaluateConfig, load_config
-from teacherfit.data import Record
+from teacherfit.data import DataError, Record
 from test_rewards import chat_reply, scripted_server
 from tiny import save_tiny, tiny_llama, tiny_qwen2
 
@@ -25,33 +26,59 @@ runner = CliRunner()
 # --- verdict parsing ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, rating", [
-    ("The answer is fine. Rating: [[7]]", 7.0),
-    ("It lists 3 points and 12 steps. [[8.5]]", 8.5),
-    ('Format: "[[rating]]", for example "Rating: [[5]]". My verdict: [[9]]', 9.0),  # the last one counts
-    ("Rating: [6]", 6.0),  # FastChat's one-bracket fallback
-    ("Overall. Rating: 4/10", 4.0),
-    ("[[10]]", 10.0),
-    ("It has 7 errors.", None),  # a number in the explanation is not a rating
-    ("Rating: [[0]]", None),  # outside 1..10
-    ("Rating: [[11]]", None),
-    ("", None),
-])  # fmt: skip
-def test_parse_rating_verdict(text, rating):
-    assert E.parse_rating_verdict(text) == rating
+def fastchat_rating(text: str) -> float:
+    """FastChat llm_judge's single-grading rule, written out: the first [[r]], else the first [r], else -1."""
+    match = re.search(r"\[\[(\d+\.?\d*)\]\]", text) or re.search(r"\[(\d+\.?\d*)\]", text)
+    return float(match.group(1)) if match else -1
 
 
-@pytest.mark.parametrize("text, verdict", [
-    ("A is more helpful. [[A]]", "A"),
-    ("[[B]]", "B"),
-    ("Both equal. [[C]]", "C"),
-    ("[[ A ]] ... final: [[A]]", "A"),
-    ('"[[A]]" if A is better, "[[B]]" if B is better', None),  # echoed instructions: ambiguous
-    ("A is better.", None),
-    ("[A]", None),
+@pytest.mark.parametrize("text, ours, fastchat", [
+    ("Rating: [[8]] (previous answer was [[5]])", 8.0, 8.0),  # the first verdict counts
+    ("The answer is fine. Rating: [[8.]]", 8.0, 8.0),  # "8." is FastChat's 8.0
+    ("It lists 3 points and 12 steps. [[8.5]]", 8.5, 8.5),
+    ("[[3]] at first, but on reflection [[7]]", 3.0, 3.0),
+    ("As [4] shows, it is weak. Rating: [[9]]", 9.0, 9.0),  # any [[r]] beats an earlier [r]
+    ("Rating: [6]", 6.0, 6.0),  # the one-bracket fallback
+    ("Rating: [[7]", 7.0, 7.0),  # ... which also reads an unclosed [[r]
+    ("See [2]; overall [[ 7 ]]", 2.0, 2.0),  # FastChat's fallback finds the citation first: so do we
+    ("[[10]]", 10.0, 10.0),
+    ("Rating: [[-3]]", None, -1),
+    ("It has 7 errors.", None, -1),  # a number in the explanation is not a rating
+    ("", None, -1),
+    # the documented differences
+    ("Rating: [[0]]", None, 0.0),  # outside 1..10
+    ("Rating: [[11]]", None, 11.0),
+    ('Format: "[[rating]]", for example: "Rating: [[5]]". My verdict: [[9]]', 9.0, 5.0),  # the echoed example
+    ("Rating: [[ 7 ]]", 7.0, -1),  # where FastChat reads nothing
+    ("Overall. Rating: 4/10", 4.0, -1),
 ])  # fmt: skip
-def test_parse_pair_verdict(text, verdict):
-    assert E.parse_pair_verdict(text) == verdict
+def test_parse_rating_verdict_follows_fastchat(text, ours, fastchat):
+    assert fastchat_rating(text) == fastchat
+    assert E.parse_rating_verdict(text) == ours
+
+
+def fastchat_pair(text: str) -> str | None:
+    """FastChat llm_judge's pairwise rule, written out: [[A]], else [[B]], else [[C]] (tie), else an error."""
+    return next((v for v in "ABC" if f"[[{v}]]" in text), None)
+
+
+@pytest.mark.parametrize("text, ours, fastchat", [
+    ("A is more helpful. [[A]]", "A", "A"),
+    ("[[B]]", "B", "B"),
+    ("Both equal. [[C]]", "C", "C"),
+    ("[[A]], and to repeat: [[A]]", "A", "A"),
+    ("[[ A ]] ... final: [[A]]", "A", "A"),
+    ("A is better.", None, None),
+    ("[A]", None, None),
+    ("[[a]]", None, None),
+    # the documented differences
+    ('"[[A]]" if A is better, "[[B]]" if B is better', None, "A"),  # echoed instructions: ambiguous
+    ("[[B]] ... on reflection [[A]]", None, "A"),
+    ("[[ B ]]", "B", None),  # where FastChat reads nothing
+])  # fmt: skip
+def test_parse_pair_verdict_follows_fastchat(text, ours, fastchat):
+    assert fastchat_pair(text) == fastchat
+    assert E.parse_pair_verdict(text) == ours
 
 
 @pytest.mark.parametrize("ab, ba, outcome", [
@@ -329,10 +356,100 @@ def test_local_judge_that_writes_no_verdict_is_counted_not_scored(eval_workspace
 def test_pairwise_needs_a_reference():
     from teacherfit.pipelines.evaluate import preflight
 
-    cfg = load_config(EvaluateConfig, None, ["student={backend: openai, remote: {base_url: u, model: m}}",
-                                             "judge={backend: openai, remote: {base_url: u, model: m}}"])
+    remote = "{backend: openai, remote: {base_url: 'http://127.0.0.1:9', model: m}}"
+    cfg = load_config(EvaluateConfig, None, [f"student={remote}", f"judge={remote}"])
     with pytest.raises(ValueError, match="pairwise.reference"):
         preflight(cfg)
+
+
+# --- every input is checked before any model loads ------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load or generator fails the test: what is checked here must be checked before them."""
+    import teacherfit.models
+    import teacherfit.pipelines.evaluate as pipeline
+    import teacherfit.pipelines.generate as generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    for module, name in ((teacherfit.models, "load_model"), (generate, "make_generator"), (pipeline, "make_generator")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def broken_inputs(root: Path, tmp: Path) -> dict:
+    """name -> (overrides breaking one input, the file the message must name, its line or None, what it says)."""
+    ref = root / "reference.jsonl"
+    questions = root / "questions.jsonl"
+    ok_questions = questions.read_text()
+    files = {
+        "bad_reference.jsonl": ref.read_text().splitlines()[0] + "\n{not json\n",
+        "empty.jsonl": "",
+        "other_reference.jsonl": json.dumps(Record.from_messages([{"role": "user", "content": "Something else."}])
+                                            .with_response("r").to_row()) + "\n",
+        "bad_questions.jsonl": ok_questions.splitlines()[0] + '\n{"turns": ["no id"]}\n',
+        "prompts.jsonl": "".join(line + "\n" for line in E.default_paths()["judge_prompts"].read_text().splitlines()
+                                 if '"single-math-v1"' not in line),
+        "refs.jsonl": json.dumps({"question_id": 2, "choices": [{"turns": ["4"]}]}) + "\n",  # math, 2 turns, 1 answer
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    reference = lambda path: f"pairwise.reference={{name: reference, backend: file, responses: '{path}'}}"  # noqa: E731
+    return {
+        "missing reference": ([reference(tmp / "nope.jsonl")], tmp / "nope.jsonl", None, "no such file"),
+        "malformed reference": ([reference(tmp / "bad_reference.jsonl")], tmp / "bad_reference.jsonl", 2, "JSON"),
+        "empty reference": ([reference(tmp / "empty.jsonl")], tmp / "empty.jsonl", None, "no rows"),
+        "reference for other prompts": ([reference(tmp / "other_reference.jsonl")], tmp / "other_reference.jsonl", None,
+                                        "answers none of the 4 instructions"),
+        "malformed question": ([f"mtbench.questions={tmp / 'bad_questions.jsonl'}"], tmp / "bad_questions.jsonl", 2,
+                               "a question needs question_id and turns"),
+        "judge prompt missing": ([f"mtbench.judge_prompts={tmp / 'prompts.jsonl'}"], tmp / "prompts.jsonl", None,
+                                 "no judge prompt named 'single-math-v1'"),
+        "one reference turn": ([f"mtbench.reference_answers={tmp / 'refs.jsonl'}"], tmp / "refs.jsonl", 1,
+                               "question 2 (math) has 2 turns but 1 reference answers"),
+        "missing held-out file": ([f"heldout={tmp / 'nope.jsonl'}"], tmp / "nope.jsonl", None, "no such file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing reference", "malformed reference", "empty reference",
+                                  "reference for other prompts", "malformed question", "judge prompt missing",
+                                  "one reference turn", "missing held-out file"])
+def test_every_input_is_checked_before_any_model_loads(eval_workspace, tmp_path, no_model, case):
+    from teacherfit.pipelines.evaluate import run_evaluate
+
+    root, student = eval_workspace
+    overrides, path, line, says = broken_inputs(root, tmp_path)[case]
+    out = tmp_path / "run"
+    cfg = load_config(EvaluateConfig, None, [
+        f"student={student}", "judge={backend: openai, remote: {base_url: 'http://127.0.0.1:9', model: fake}}",
+        f"mtbench.questions={root / 'questions.jsonl'}",
+        f"pairwise.reference={{name: reference, backend: file, responses: '{root / 'reference.jsonl'}'}}",
+        f"out={out}", *overrides])
+    with pytest.raises(DataError) as err:
+        run_evaluate(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: " if line else f"{path}: ") and says in message and "\n" not in message
+    assert not out.exists()  # nothing generated, not even the run directory
+
+
+def test_evaluate_cli_refuses_a_bad_reference_in_seconds(eval_workspace, tmp_path, no_model):
+    """Before: the student answered every question first (11 minutes with the defaults), then the file was read."""
+    root, student = eval_workspace
+    bad = tmp_path / "reference.jsonl"
+    bad.write_text((root / "reference.jsonl").read_text().splitlines()[0] + '\n{"oops": \n')
+    for reference, says in ((tmp_path / "missing.jsonl", "no such file"), (bad, ":2:")):
+        args = evaluate_args(root, student, "http://127.0.0.1:9", tmp_path / "run")
+        args[args.index("--reference") + 1] = str(reference)
+        start = time.perf_counter()
+        result = runner.invoke(app, args)
+        elapsed = time.perf_counter() - start
+        assert result.exit_code == 2, result.output + repr(result.exception)
+        output = result.output.replace("\n", "")  # rich folds long lines at the terminal width
+        assert str(reference) in output and says in output and "Traceback" not in output
+        assert [line.startswith("error:") for line in result.output.splitlines()].count(True) == 1 and elapsed < 5
+        assert not (tmp_path / "run").exists()
 
 
 # --- packaged models, end to end ----------------------------------------------------------------------------

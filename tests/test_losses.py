@@ -21,6 +21,7 @@ from teacherfit.distill.losses import (
     skew_kl,
     tvd,
 )
+from teacherfit.scoring import PostHead
 
 # ---------------------------------------------------------------- naive references (float64 Python loops)
 
@@ -504,11 +505,12 @@ def head_setup(seed=8, b=2, t=7, softcap=False):
     return hidden, head, t_hidden, t_head, labels
 
 
-def plain_sums(hidden, head, labels, teacher, divergence, tau, softcap=None, teacher_softcap=None, **kw):
-    """Reference path: full logits, public mean losses turned back into sums."""
+def plain_sums(hidden, head, labels, teacher, divergence, tau, post=None, teacher_post=None, **kw):
+    """Reference path: full logits, public mean losses turned back into sums. ``post``/``teacher_post`` are
+    (scale, cap) pairs: z * scale, then tanh(z / cap) * cap, written out here."""
     z = head(hidden)
-    if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
+    if post is not None:
+        z = torch.tanh(z * post[0] / post[1]) * post[1]
     n = int((labels != -100).sum())
     if teacher is None:
         kd = torch.zeros(())
@@ -516,8 +518,8 @@ def plain_sums(hidden, head, labels, teacher, divergence, tau, softcap=None, tea
         kd = forward_kl_topk(z, *teacher, labels, temperature=tau, **kw) * n
     else:
         t_z = teacher
-        if teacher_softcap is not None:
-            t_z = torch.tanh(t_z / teacher_softcap) * teacher_softcap
+        if teacher_post is not None:
+            t_z = torch.tanh(t_z * teacher_post[0] / teacher_post[1]) * teacher_post[1]
         kd = DIVERGENCES[divergence](z, t_z, labels, temperature=tau, **kw) * n
     ce = cross_entropy(z, labels) * n
     return kd, ce, n
@@ -559,8 +561,10 @@ def test_chunked_matches_plain_path(chunk_size, teacher_kind, fused):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("divergence", ["reverse_kl", "generalized_jsd", "skew_kl", "tvd"])
-def test_chunked_other_divergences_and_softcap(divergence, fused):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "tvd"])
+def test_chunked_divergences_with_post_head_transforms(divergence, fused):
+    """Logit scaling and soft-capping of both heads (Granite, Cohere, Gemma 2): forward KL included, whose
+    in-place kernel must then give way to autograd."""
     hidden, head, t_hidden, t_head, labels = head_setup(seed=9)
     kw = DIV_KWARGS[divergence]
     out = chunked_head_losses(
@@ -572,14 +576,14 @@ def test_chunked_other_divergences_and_softcap(divergence, fused):
         divergence=divergence,
         divergence_kwargs=kw,
         chunk_size=3,
-        softcap=5.0,
-        teacher_softcap=4.0,
+        post_head=PostHead(scale=0.5, softcap=5.0),
+        teacher_post_head=PostHead(scale=2.0, softcap=4.0),
         fused=fused,
     )
     with torch.no_grad():
         t_logits = t_head(t_hidden)
     kd, ce, _ = plain_sums(
-        hidden, head, labels, t_logits, divergence, 1.0, softcap=5.0, teacher_softcap=4.0, **kw
+        hidden, head, labels, t_logits, divergence, 1.0, post=(0.5, 5.0), teacher_post=(2.0, 4.0), **kw
     )
     assert out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-6)
     assert out["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-5)

@@ -2,13 +2,15 @@
 
 import json
 import math
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from teacherfit.cli import app
 from teacherfit.data import Record, chat_template_for, tokenize_example
-from teacherfit.models import PACKAGED, load_model, packaged_gguf_path, resolve_model
+from teacherfit.models import (PACKAGED, ModelError, load_model, load_model_config, load_tokenizer, packaged_gguf_path,
+                               resolve_model)
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +31,42 @@ def test_packaged_model_is_verified_converted_and_loads(name):
 def test_gguf_file_path_loads_like_the_packaged_name():
     resolved = resolve_model(str(packaged_gguf_path("smollm2-135m-instruct")))
     assert resolved.kind == "gguf" and resolved.provenance["sha256"] == PACKAGED["smollm2-135m-instruct"].sha256
+
+
+def test_gguf_tokenizer_is_read_without_dequantising(tmp_path, monkeypatch):
+    """Tokenizer and head-size checks on a GGUF teacher run on its metadata alone, before (and without) the
+    conversion that takes 119 s and 3.4 GB for the 1.5B model; both are the ones the converted model carries."""
+    loaded = load_model("smollm2-135m-instruct")  # the default cache: converted once
+    reference = loaded.tokenizer
+    monkeypatch.setenv("TEACHERFIT_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    tok = load_tokenizer("smollm2-135m-instruct")
+    first = time.perf_counter() - start
+    config = load_model_config("smollm2-135m-instruct")
+    assert not (tmp_path / "converted").exists()  # nothing was dequantised
+    for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "tie_word_embeddings"):
+        assert getattr(config, key) == getattr(loaded.model.config, key), key
+    start = time.perf_counter()
+    again = load_tokenizer("smollm2-135m-instruct")  # read from the small tokenizer folder
+    assert time.perf_counter() - start < 5 and first < 60
+    chat = [{"role": "user", "content": "Write a function that reverses a list."},
+            {"role": "assistant", "content": "def rev(xs):\n    return xs[::-1]"}]
+    for t in (tok, again):
+        assert len(t) == len(reference) == VOCAB["smollm2-135m-instruct"] and t.chat_template == reference.chat_template
+        assert tokenize_example(t, chat).input_ids == tokenize_example(reference, chat).input_ids
+
+
+def test_gguf_cut_inside_its_tensors_names_the_file(tmp_path, monkeypatch):
+    """An interrupted download: the header parses, the tensor data stops half way."""
+    monkeypatch.setenv("TEACHERFIT_CACHE", str(tmp_path / "cache"))
+    whole = packaged_gguf_path("smollm2-135m-instruct")
+    cut = tmp_path / whole.name
+    with open(whole, "rb") as fh:
+        cut.write_bytes(fh.read(whole.stat().st_size // 2))
+    with pytest.raises(ModelError) as err:
+        load_model(str(cut))
+    msg = str(err.value)
+    assert msg.startswith(f"{cut} is not a complete GGUF file (") and "download it again" in msg and "\n" not in msg
 
 
 def test_qwen_coder_pair_shares_the_tokenizer():

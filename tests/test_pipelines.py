@@ -98,14 +98,24 @@ def test_rank_values_match_references(ranked, workspace, tokenizer):
     # per-sample compatibility loss == naive NLL of the response under the student
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     recs = {r.id: r for r in load_records(ranked.parent / "gen" / "responses" / "beta.jsonl").records}
+    def naive_nll(ids: list[int], scored_from: int) -> list[float]:
+        """-log p(ids[t] | ids[:t]) for t >= scored_from, from the model's full logits."""
+        with torch.no_grad():
+            logp = torch.log_softmax(student(torch.tensor([ids])).logits[0].double(), -1)
+        return [-float(logp[t - 1, ids[t]]) for t in range(scored_from, len(ids))]
+
     for s in [s for s in samples if s["teacher"] == "beta"][:3]:
         ex = tokenize_example(tokenizer, recs[s["id"]].messages)
-        with torch.no_grad():
-            logp = torch.log_softmax(student(torch.tensor([ex.input_ids])).logits[0].double(), -1)
-        nll = [-float(logp[t, ex.labels[t + 1]]) for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != -100]
+        nll = [x for x, label in zip(naive_nll(ex.input_ids, 1), ex.labels[1:]) if label != -100]
         assert s["loss_student"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
         assert s["ppl_student"] == pytest.approx(math.exp(s["loss_student"]), rel=1e-6)
-        assert s["ifd_student"] == pytest.approx(math.exp(s["loss_student"] - s["loss_student_uncond"]), rel=1e-6)
+        # IFD: the same response tokens (content and the template's end of turn) scored after one start token
+        # (EOS: the tiny tokenizer has no BOS) instead of after the instruction; every one of them is scored
+        response = [t for t in ex.labels if t != -100]
+        alone = naive_nll([tokenizer.eos_token_id] + response, 1)
+        assert len(alone) == len(nll)
+        assert s["loss_student_uncond"] == pytest.approx(sum(alone) / len(alone), rel=1e-5)
+        assert s["ifd_student"] == pytest.approx(math.exp(sum(nll) / len(nll) - sum(alone) / len(alone)), rel=1e-5)
     # per-teacher CAR from the per-sample means, with the variant the rewards call for
     rows = {t["teacher"]: t for t in results["teachers"]}
     means_r = {n: np.mean([s["reward"] for s in samples if s["teacher"] == n]) for n in rows}
@@ -142,6 +152,20 @@ def test_rank_rerun_uses_cached_stages(ranked, workspace):
         assert t["loss_student"] == pytest.approx(by_name[t["teacher"]]["loss_student"])
         if after["car_variant"] == "plain":
             assert t["car"] == pytest.approx(t["reward"])  # beta = 0: CAR is the reward
+
+
+def test_rank_dry_run_prints_the_plan_and_a_typo_fails_at_once(generated, workspace, tmp_path):
+    _, _, student, rm_dir, _ = workspace
+    args = ["rank", "--generate-run", generated, "--student", student, "--out", tmp_path / "dry", "--dry-run",
+            "--set", "reference_lm=null", "--set", "reward.kind=classifier"]
+    result = invoke(*args, "--set", f"reward.model={rm_dir}")
+    output = " ".join(result.output.split())
+    assert "rank --dry-run (nothing loaded): 3 teachers x 6 instructions" in output
+    assert "student (" in output and "reward (" in output and "18 rows, 0 cached, 18 to score" in output
+    assert not (tmp_path / "dry").exists()
+    typo = runner.invoke(app, [str(a) for a in args] + ["--set", "reward.model=qwen2.5-coder-1.5b-instruc"])
+    assert typo.exit_code == 2
+    assert "did you mean the packaged model 'qwen2.5-coder-1.5b-instruct'" in typo.output.replace("\n", "")
 
 
 def test_correlate_against_hand_computed(ranked, tmp_path):

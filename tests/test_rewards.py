@@ -248,7 +248,7 @@ def test_expected_rating():
 
 
 def test_make_reward_openai_judge_needs_a_remote():
-    with pytest.raises(ValueError, match="'openai_judge' needs reward.remote"):
+    with pytest.raises(ValueError, match="'openai_judge' needs `remote`"):  # refused by the config itself
         make_reward(RewardConfig(kind="openai_judge"), None)
 
 
@@ -397,3 +397,22 @@ def test_openai_judge_falls_back_to_the_text_when_logprobs_hold_no_rating():
         judge = fake_judge(base_url)
         assert judge.score(RECORDS[:1]) == [8.0]
     assert judge.unparsed == 0
+
+
+@pytest.mark.parametrize("model_type,transform", [("granite", {"logits_scaling": 0.25}),
+                                                  ("cohere", {"logit_scale": 4.0}),
+                                                  ("gemma2", {"final_logit_softcapping": 0.5, "head_dim": 8})])
+def test_judge_reads_the_models_own_logits_after_its_head(model_type, transform, tokenizer):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale, Gemma 2 soft-caps
+    them: the judge's one-pass rating must match per-rating forward passes of the model itself."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **transform)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.inference_mode():
+        expected = [naive_expected_rating(model, tokenizer, r) for r in RECORDS[:2]]
+    assert LocalJudgeReward(loaded(model, tokenizer)).score(RECORDS[:2]) == pytest.approx(expected, abs=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -41,17 +42,41 @@ OutOpt = typer.Option(None, "--out", "-o", help="Run directory (re-running with 
 
 
 def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
-    """Validate the config, run the pipeline, and turn known user errors into one clear line (exit 2)."""
+    """Validate the config, run the pipeline, and turn known user errors into one clear line (exit 2).
+
+    Run directories are released when the command ends; a failed run's directory says so (``failed.json``),
+    or is removed when the run failed before writing anything.
+    """
+    from teacherfit.config import finish_runs
     from teacherfit.data import DataError
     from teacherfit.distill.train import TrainingDiverged
     from teacherfit.models import ModelError
+    from teacherfit.remote import RemoteError
 
     try:
         cfg = load_config(cls, config, overrides, **values)
-        return fn(cfg)
-    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError, TrainingDiverged) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        result = fn(cfg)
+    except (ConfigError, DataError, ModelError, RemoteError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+        message = _one_line(err)
+        finish_runs(error=message)
+        console.print(f"error: {message}", soft_wrap=True, highlight=False, markup=False)
         raise typer.Exit(2) from None
+    except OSError as err:  # a full disk, a permission, a path that is a file: the user's to fix
+        message = f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}"
+        finish_runs(error=message)
+        console.print(f"error: {message}", soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    except BaseException:
+        finish_runs(error="interrupted or crashed; see the traceback")
+        raise
+    finish_runs()
+    return result
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message; a multi-problem config error keeps its field list, anything else is one line."""
+    text = str(err).strip() or type(err).__name__
+    return text if isinstance(err, ConfigError) else " ".join(text.split())
 
 
 def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -101,6 +126,7 @@ def rank(
     responses: list[str] = typer.Option([], "--responses", "-r", help="NAME=PATH of a response set. Repeatable."),
     generate_run: Optional[Path] = typer.Option(None, help="Rank every response set of a `generate` run directory."),
     beta: Optional[float] = typer.Option(None, help="CAR = r / (1 + beta * L)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only check: read the response sets, resolve every model; load no weights."),
     out: Optional[Path] = OutOpt,
     overrides: list[str] = SetOpt,
 ) -> None:
@@ -108,7 +134,7 @@ def rank(
     from teacherfit.pipelines.rank import run_rank
 
     sets = [{"name": n, "path": p} for n, p in _pairs(responses, "--responses")] or None
-    _run(run_rank, RankConfig, config, overrides, student=student, responses=sets, generate_run=generate_run,
+    _run(lambda cfg: run_rank(cfg, dry_run=dry_run), RankConfig, config, overrides, student=student, responses=sets, generate_run=generate_run,
          beta=beta, out=out)
 
 
@@ -133,6 +159,7 @@ def distill(
     teacher: Optional[str] = typer.Option(None, help="Online teacher (same tokenizer as the student)."),
     teacher_cache: Optional[Path] = typer.Option(None, help="Offline top-k cache from `cache-teacher` instead of a teacher."),
     responses: list[str] = typer.Option([], "--responses", "-r", help="NAME=PATH of a response set to train on. Repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only check: data, tokenizers, caches, layer maps; load no weights."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in --out."),
     out: Optional[Path] = OutOpt,
     overrides: list[str] = SetOpt,
@@ -141,7 +168,7 @@ def distill(
     from teacherfit.pipelines.distill import run_distill
 
     data = _training_data(responses)
-    _run(lambda cfg: run_distill(cfg, resume=resume), DistillConfig, config, overrides, student=student,
+    _run(lambda cfg: run_distill(cfg, resume=resume, dry_run=dry_run), DistillConfig, config, overrides, student=student,
          teacher=teacher, teacher_cache=teacher_cache, data=data, out=out)
 
 
@@ -242,18 +269,23 @@ def models() -> None:
     console.print(rich_table(rows, ["name", "description", "sha256", "install"], title="packaged models"))
 
 
+class OnError(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
 @app.command("inspect-data")
 def inspect_data(
     path: Path = typer.Argument(..., help="Instruction or response set to check."),
-    on_error: str = typer.Option("stop", help="stop | skip: what to do with malformed rows."),
+    on_error: OnError = typer.Option(OnError.stop, help="What to do with malformed rows: stop at the first, or skip and count them."),
 ) -> None:
     """Read a data file and report its format, malformed rows (file:line), duplicates and empty responses."""
     from teacherfit.data import DataError, load_records
 
     try:
-        report = load_records(path, on_error=on_error)
+        report = load_records(path, on_error=on_error.value, allow_empty=True)
     except DataError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"error: {_one_line(err)}", soft_wrap=True, highlight=False, markup=False)
         raise typer.Exit(2) from None
     console.print(report.summary())
     for location, reason in report.malformed[:20]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teacherfit.generation import DecodingConfig
 from teacherfit.metrics import DEFAULT_BETA
@@ -74,6 +75,12 @@ class RewardConfig(Strict):
     remote: RemoteConfig | None = None
     max_length: int = Field(1024, ge=32, description="Tokens of judge/RM input kept (instruction + response).")
     max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch.")
+
+    @model_validator(mode="after")
+    def _remote_for_api(self) -> RewardConfig:
+        if self.kind == "openai_judge" and self.remote is None:
+            raise ValueError("kind 'openai_judge' needs `remote` (base_url, model)")
+        return self
 
 
 class GenerateConfig(Strict):
@@ -456,24 +463,103 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``key.sub=value`` overrides (value parsed as YAML) to a nested dict."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"--set {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part; write key.sub=value")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        try:
+            node[parts[-1]] = yaml.load(raw, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({reason}); quote it, "
+                              f"e.g. --set '{key}=\"...\"'") from None
     return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]}, again on line {line}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; every way it can fail is one ConfigError naming the file (and line)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names (aliases included) of the model that ``loc`` (minus its last part) points into."""
+    import typing
+
+    model: Any = cls
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        info = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if info is None:
+            return []
+        ann = info.annotation
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        for arg in typing.get_args(ann):  # list[TeacherConfig] inside Optional
+            inner += [a for a in typing.get_args(arg) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (inner[0] if inner else None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
+    import difflib
+
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"  field `{field}`: {e['msg']}{got}")
+        hint = ""
+        if e["type"] == "extra_forbidden" and cls is not None:
+            got = ""
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(cls, tuple(e["loc"])), n=1, cutoff=0.6)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+        lines.append(f"  field `{field}`: {e['msg']}{got}{hint}")
+    if len(lines) == 2:  # one problem: one line
+        return lines[0][:-1] + lines[1][1:]
     return "\n".join(lines)
 
 
@@ -483,12 +569,7 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        data = read_yaml(Path(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of field: value")
         base = Path(path).parent
@@ -498,7 +579,7 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, cls)) from None
 
 
 _PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "outcomes", "out", "best_of_rank",
@@ -523,11 +604,112 @@ def config_digest(cfg: BaseModel) -> str:
     return hashlib.sha256(cfg.model_dump_json(exclude={"out"}).encode()).hexdigest()[:10]
 
 
+# Run directories this process prepared: path -> (lock fd, created by this process). The lock is an flock on
+# `.lock` in the directory, so it is released by the kernel when the process dies (SIGKILL included): a
+# killed run never leaves a stale lock behind, and a second process on the same --out is told who holds it.
+_RUNS: dict[Path, tuple[int, bool]] = {}
+LOCK_NAME = ".lock"
+FAILED_NAME = "failed.json"
+
+
+def _take_lock(out: Path) -> int:
+    import fcntl
+    import socket
+    import time
+
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"run directory {out} is in use by {holder}; wait for it to finish, stop it, "
+                          "or give another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
+def _redact_urls(value: Any) -> Any:
+    """The resolved config with the secrets of every ``base_url`` masked (it is written to disk)."""
+    from teacherfit.remote import redact_url
+
+    if isinstance(value, dict):
+        return {k: redact_url(v) if k == "base_url" and isinstance(v, str) else _redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_urls(v) for v in value]
+    return value
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every leaf that differs between two resolved configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += config_changes(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 def prepare_run_dir(cfg: BaseModel, command: str, runs_root: Path = Path("runs")) -> Path:
-    """The run directory (given, or ``runs/<command>-<config digest>`` so a re-run resumes) with the resolved config."""
+    """The run directory (given, or ``runs/<command>-<config digest>`` so a re-run resumes), locked for this
+    process, with the resolved config (secrets in URLs masked).
+
+    Call it once the inputs have been read and checked, right before the first expensive step: a run that
+    fails on its input then leaves no directory that looks started (and ``finish_runs`` removes a new one
+    that holds nothing else). A changed config on an existing run directory is printed field by field; what
+    that means for reuse is each command's decision (``generate`` keys its rows by the settings that made them).
+    """
     out = getattr(cfg, "out", None) or runs_root / f"{command}-{config_digest(cfg)}"
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = json.loads(cfg.model_dump_json(by_alias=True))
-    atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    if out in _RUNS:
+        return out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; give a directory (a new one, or a run directory to resume)")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out: cannot create the run directory {out} ({err.strerror})") from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        # one run, several processes (torchrun / accelerate launch): the main process holds the lock and
+        # writes the config; the others write only what the training loop gives each of them
+        return out
+    _RUNS[out] = (_take_lock(out), created)
+    resolved = _redact_urls(json.loads(cfg.model_dump_json(by_alias=True)))
+    previous = out / "config.resolved.yaml"
+    if previous.exists():
+        try:
+            changes = config_changes(yaml.safe_load(previous.read_text()), resolved)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            changes = ["(the previous config.resolved.yaml could not be read)"]
+        if changes:
+            from teacherfit.ui import console
+
+            console.print(f"[yellow]note:[/] {out.name}: settings changed since the last run in this directory: "
+                          + "; ".join(changes[:8]) + (f" (+{len(changes) - 8} more)" if len(changes) > 8 else ""))
+    (out / FAILED_NAME).unlink(missing_ok=True)
+    atomic_write_text(previous, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     return out
+
+
+def finish_runs(error: str | None = None) -> None:
+    """Release the run directories this process prepared (the CLI calls it when a command ends).
+
+    On an error, a directory this invocation created that holds nothing but its config is removed (it never
+    really started); any other gets ``failed.json`` with the error, so it does not look finished.
+    """
+    import shutil
+    import time
+
+    for out, (fd, created) in list(_RUNS.items()):
+        if error is not None and out.is_dir():
+            contents = {p.name for p in out.iterdir()}
+            if created and contents <= {LOCK_NAME, "config.resolved.yaml"}:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                atomic_write_text(out / FAILED_NAME, json.dumps(
+                    {"error": error, "at": time.strftime("%Y-%m-%d %H:%M:%S")}, ensure_ascii=False) + "\n")
+        os.close(fd)
+        del _RUNS[out]

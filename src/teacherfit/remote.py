@@ -5,9 +5,13 @@
   429 and 5xx). Any other 4xx means the request itself is wrong, and repeating it cannot help.
 - In-flight requests are bounded by ``RemoteConfig.concurrency``; completions are yielded as they finish
   so that the caller's resumable store keeps every row that exists when a later prompt fails.
-- The API key is read from the environment variable named in the config. It is never stored in the
-  config, provenance, logs or error messages; text that comes back from the server is scrubbed of it
-  too, since some servers echo the credential they rejected.
+- The API key is read from the environment variable named in the config (``api_key_env``), and only
+  then: no key is sent to a server the user did not name one for, except ``OPENAI_API_KEY`` to OpenAI's
+  own API. A named variable that is unset is an error before the first request. The key is never stored
+  in the config, provenance, logs or error messages; text that comes back from the server is scrubbed of
+  it too, since some servers echo the credential they rejected.
+- Credentials written into ``base_url`` (``https://user:secret@host/v1``, ``?api-key=...``) work, but every
+  place that shows or stores the URL uses ``redact_url``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import Any, Iterator
 
 import openai
 from openai import OpenAI
-from pydantic import BaseModel, Field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from teacherfit.generation import Completion, DecodingConfig
 
@@ -38,19 +44,83 @@ class RemoteError(RuntimeError):
     """A request failed for good: at once on a client error, or after its retries ran out."""
 
 
+# Query parameters that carry credentials in the URL forms servers and gateways accept.
+_SECRET_PARAMS = ("key", "api-key", "api_key", "apikey", "token", "access_token", "auth", "password", "secret",
+                  "sig", "signature", "code")
+OPENAI_HOSTS = ("api.openai.com",)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password in its user part and credential-like query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = (user.split(":", 1)[0] + ":***" if ":" in user else "***") + "@" + host
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if any(s in k.lower() for s in _SECRET_PARAMS) else v) for k, v in pairs],
+                          safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values inside ``url`` (password, credential-like query values), to scrub from any text."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+        if parts.username and not parts.password:
+            found.append(parts.username)  # a bare token as the user part (https://TOKEN@host)
+        found += [v for k, v in parse_qsl(parts.query) if v and any(s in k.lower() for s in _SECRET_PARAMS)]
+    except ValueError:
+        return [url]
+    return [f for f in found if len(f) >= 3]
+
+
 class RemoteConfig(BaseModel):
     """Where the OpenAI-compatible server is and how hard to push it."""
 
+    model_config = ConfigDict(extra="forbid")
+
     base_url: str = Field(description='Server root including the API prefix, e.g. "http://127.0.0.1:8000/v1".')
     model: str = Field(description="Model name the server expects in each request.")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
-        description=f"Name of the environment variable holding the API key ({PLACEHOLDER_KEY!r} is sent when unset).",
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the API key. Unset: no key is sent "
+        f"({PLACEHOLDER_KEY!r}, which local servers accept), except OPENAI_API_KEY to api.openai.com.",
     )
     concurrency: int = Field(8, ge=1, description="Most requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0.0, description="Seconds before one request counts as failed.")
     max_retries: int = Field(4, ge=0, description="Retries per request on connection errors, timeouts, 429 and 5xx.")
     backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles per retry, with jitter.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError(f"{redact_url(v)!r} is not a URL; e.g. http://127.0.0.1:8000/v1") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{redact_url(v)!r} is not an http(s) URL with a host; e.g. http://127.0.0.1:8000/v1")
+        return v
+
+    def key_env(self) -> str | None:
+        """The variable the key is read from: the one the config names, or OPENAI_API_KEY for OpenAI's API."""
+        if self.api_key_env:
+            return self.api_key_env
+        return "OPENAI_API_KEY" if (urlsplit(self.base_url).hostname or "") in OPENAI_HOSTS else None
+
+    def check_key(self) -> None:
+        """Raise ``RemoteError`` when the config names a key variable that is not set (before any request)."""
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise RemoteError(f"remote.api_key_env: the environment variable {self.api_key_env} is not set; "
+                              f"export it, or remove api_key_env for a server that needs no key")
 
 
 class RequestStats:
@@ -74,8 +144,10 @@ class RequestStats:
 
 
 def api_key(cfg: RemoteConfig) -> str:
-    """The key to send: the environment variable's value, or the placeholder local servers accept."""
-    return os.environ.get(cfg.api_key_env) or PLACEHOLDER_KEY
+    """The key to send: the named environment variable's value, or the placeholder local servers accept."""
+    cfg.check_key()
+    env = cfg.key_env()
+    return (os.environ.get(env) if env else None) or PLACEHOLDER_KEY
 
 
 def make_client(cfg: RemoteConfig) -> OpenAI:
@@ -84,8 +156,12 @@ def make_client(cfg: RemoteConfig) -> OpenAI:
 
 
 def _redact(text: str, cfg: RemoteConfig) -> str:
-    key = api_key(cfg)
-    return text if key == PLACEHOLDER_KEY else text.replace(key, "***")
+    env = cfg.key_env()
+    key = os.environ.get(env) if env else None
+    text = text.replace(cfg.base_url, redact_url(cfg.base_url))
+    for secret in url_secrets(cfg.base_url) + ([key] if key else []):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _describe(err: openai.OpenAIError, cfg: RemoteConfig) -> str:
@@ -148,10 +224,12 @@ def chat_completion(
             if not _retryable(err):
                 stats.add("failures")
                 # `from None`: the original exception carries the request, headers included.
-                raise RemoteError(f"{cfg.base_url} refused the request ({reason}); not retried") from None
-            log.warning("attempt %d/%d to %s failed: %s", attempt + 1, cfg.max_retries + 1, cfg.base_url, reason)
+                raise RemoteError(f"{redact_url(cfg.base_url)} refused the request ({reason}); not retried") from None
+            log.warning("attempt %d/%d to %s failed: %s", attempt + 1, cfg.max_retries + 1, redact_url(cfg.base_url),
+                        reason)
     stats.add("failures")
-    raise RemoteError(f"{cfg.base_url}: gave up after {cfg.max_retries + 1} attempts; last error: {reason}")
+    raise RemoteError(f"{redact_url(cfg.base_url)}: gave up after {cfg.max_retries + 1} attempts; "
+                      f"last error: {reason}; is the server running at that address?")
 
 
 def _completions(response: dict[str, Any], seed: int, wanted: int) -> list[Completion]:
@@ -214,10 +292,10 @@ class OpenAICompatibleGenerator:
         return {
             "backend": self.backend,
             "engine": f"openai-python {openai.__version__}",
-            "base_url": self.cfg.base_url,
+            "base_url": redact_url(self.cfg.base_url),
             "model": self.cfg.model,
             "server_model": self.server_model,
-            "api_key_env": self.cfg.api_key_env,
+            "api_key_env": self.cfg.key_env(),
         }
 
     def _complete(self, messages: list[dict[str, str]], decoding: DecodingConfig) -> list[Completion]:

@@ -128,7 +128,7 @@ class LocalJudgeReward:
         for batch in length_sorted_batches(lengths, max_tokens=self.max_tokens, max_batch=32):
             ids, mask = pad_batch([encoded[i] for i in batch], pad)
             hidden = model.get_decoder()(
-                input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device)
+                input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device), use_cache=False
             ).last_hidden_state
             # only the last two positions matter: no full-vocabulary logits for the whole batch
             rows = torch.arange(len(batch))
@@ -235,7 +235,9 @@ class OpenAIJudgeReward:
         self._lock = threading.Lock()  # `unparsed` is counted from the worker threads
 
     def provenance(self) -> dict[str, Any]:
-        return {"reward": "openai_judge", "base_url": self.cfg.base_url, "model": self.cfg.model,
+        from teacherfit.remote import redact_url
+
+        return {"reward": "openai_judge", "base_url": redact_url(self.cfg.base_url), "model": self.cfg.model,
                 "prompt": JUDGE_PROMPT_VERSION}
 
     def _one(self, record: Record) -> float:

@@ -8,10 +8,19 @@ Why not ``model(input_ids, labels=...)``: that materialises logits for every pos
 the batch. We run the decoder once, keep the hidden states of labelled positions only, and apply the LM
 head to them in chunks, so memory is bounded by ``head_chunk x vocab`` and no FLOPs go to prompt logits.
 Batches are length-sorted under a token budget so padding waste stays small.
+
+Applying the head ourselves means applying what the architecture does after it too (Granite divides the
+logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``, Gemma 2 soft-caps them): that is
+``PostHead``, read from the config by ``post_head_of`` and checked once per model against the model's own
+forward (``head_transform``), so a family with a transform not listed here is refused rather than scored
+wrong. Every path that applies a head itself (scoring, the judge reward, the teacher cache, the KD losses)
+goes through it.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -61,13 +70,133 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool = False)
     return ids, mask
 
 
+class UnsupportedHead(ValueError):
+    """The model changes its logits after the LM head in a way teacherfit does not reproduce."""
+
+
+@dataclass(frozen=True)
+class PostHead:
+    """What an architecture does to its LM head's output before the softmax: ``z * scale``, then soft-capping
+    ``tanh(z / softcap) * softcap``. Applied to fp32 logits; elementwise, so it commutes with cutting rows."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and not self.softcap
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# model_type (of the class whose forward runs) -> (config attribute, divide?): every family of the installed
+# transformers that rescales the logits after the head (or, MiniCPM3, the hidden states right before a
+# bias-free head, which is the same). Read from the text config, so the multimodal wrappers are covered.
+_GRANITE = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
+            "granite4_vision", "granite_docling")
+_LOGIT_SCALES: dict[str, tuple[str, bool]] = {
+    **dict.fromkeys(_GRANITE + ("minicpm3",), ("logits_scaling", True)),
+    **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"), ("logits_scaling", False)),  # muP: multiplies
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
+                    ("logit_scale", False)),
+    "falcon_h1": ("lm_head_multiplier", False),
+    **dict.fromkeys(("muse_spark", "muse_glimmer"), ("output_multiplier", False)),  # then the soft-cap
+    **dict.fromkeys(("inkling", "inkling_text"), ("logits_mup_width_multiplier", True)),  # hidden / m
+}
+# final-logit soft-capping (Gemma 2/3/4, VaultGemma, nanochat, Inkling 2, ...), RecurrentGemma, xLSTM
+_SOFTCAP_ATTRS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+def post_head_of(model_or_config) -> PostHead:
+    """The post-head transform of a model (or of its config, e.g. for checks before any weights are read)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = 1.0
+    rule = _LOGIT_SCALES.get(getattr(cfg, "model_type", None))
+    if rule is not None:
+        value = getattr(text, rule[0], None)
+        value = getattr(cfg, rule[0], None) if value is None else value
+        if value is not None:
+            scale = 1.0 / float(value) if rule[1] else float(value)
+    caps = [getattr(text, name, None) for name in _SOFTCAP_ATTRS]
+    return PostHead(scale, next((float(c) for c in caps if c), None))
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PROBE_TOKENS = 8
+
+
+def head_transform(model) -> PostHead:
+    """``post_head_of(model)``, checked once per model object against the model's own logits.
+
+    The check runs the decoder and the full model on ``PROBE_TOKENS`` token ids (eval mode, no cache) and
+    compares ``log_softmax(post(head(hidden)))`` with ``log_softmax(model(ids).logits)``. A family that
+    transforms its logits in a way not listed here (or slices them, or puts a non-linear block between the
+    decoder and the head) is refused with ``UnsupportedHead``: its scores and KD targets would be wrong. The
+    tolerance follows the head's precision, so a transform too small to change log-probabilities beyond
+    rounding on these tokens is not one that matters.
+    """
+    try:
+        return _CHECKED[model]
+    except (KeyError, TypeError):
+        pass
+    post = post_head_of(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    head = model.get_output_embeddings()
+    rows = head.weight.shape[0] if getattr(head, "weight", None) is not None else PROBE_TOKENS + 3
+    if rows == 0:  # partitioned weights (DeepSpeed ZeRO-3): no forward can run here; trust the config's rule
+        return post
+    device = next(model.parameters()).device
+    ids = ((torch.arange(PROBE_TOKENS) * 7 + 3) % rows).unsqueeze(0).to(device)
+    mask = torch.ones_like(ids)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            ours = post(head(hidden).float())
+            theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    finally:
+        model.train(training)
+    name = f"{type(base).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+    if ours.shape != theirs.shape:
+        raise UnsupportedHead(
+            f"{name}: its forward gives {theirs.shape[-1]} logits per token but its output head has "
+            f"{ours.shape[-1]} rows (the model reshapes or slices its logits after the head); teacherfit cannot "
+            "apply this head itself: use a model of another family")
+    ours, theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
+    # non-finite weights (a diverged model) are the training loop's to report: compare where both are finite
+    finite = torch.isfinite(ours) & torch.isfinite(theirs)
+    err = float((ours - theirs)[finite].abs().max()) if finite.any() else 0.0
+    err = err if torch.equal(finite, torch.isfinite(ours) | torch.isfinite(theirs)) else math.inf
+    scale = float(theirs[finite].abs().max()) if finite.any() else 1.0
+    tol = (1e-4 if head_dtype(head) == torch.float32 else 2**-6) * max(1.0, scale)
+    if err > tol:
+        raise UnsupportedHead(
+            f"{name}: its logits differ from its output head's by up to {err:.3g} in log-probability after "
+            f"teacherfit's post-head transform ({post}): the architecture changes the logits after the LM head "
+            "in a way teacherfit does not know, so scores and KD targets would be wrong; use a model of another "
+            "family, or add the transform to teacherfit.scoring.post_head_of")
+    try:
+        _CHECKED[model] = post
+    except TypeError:
+        pass
+    return post
+
+
+def head_dtype(head) -> torch.dtype:
+    weight = getattr(head, "weight", None)
+    return weight.dtype if weight is not None else next(head.parameters()).dtype
+
+
 def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the model's output head (and final logit soft-capping where the architecture has it)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """The model's logits (fp32) from final hidden states: its output head, then its post-head transform."""
+    return head_transform(model)(model.get_output_embeddings()(hidden).float())
 
 
 @torch.inference_mode()
@@ -94,7 +223,7 @@ def score_examples(
         ids, mask = pad_batch([examples[i].input_ids for i in batch], pad_token_id)
         labels, _ = pad_batch([examples[i].labels for i in batch], -100)
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         # position t predicts token t+1: keep hidden states whose *next* token is labelled
         targets = labels[:, 1:]
         keep = targets != -100

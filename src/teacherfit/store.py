@@ -8,6 +8,7 @@ never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -53,6 +54,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON (non-ASCII kept readable), atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def cached_json(path: str | os.PathLike, compute) -> Any:
+    """``compute()``, stored atomically as JSON at ``path`` the first time and read back after (a finished stage)."""
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    value = compute()
+    atomic_write_json(path, value)
+    return value
+
+
+def sha256_json(value: Any) -> str:
+    """sha256 hex digest of ``value``'s canonical JSON (sorted keys, no whitespace): a digest of settings."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _key_part(value: Any) -> Any:
@@ -142,13 +159,14 @@ class ResumableJsonl:
     def __len__(self) -> int:
         return len(self._done)
 
-    def finalize(self, out_path: str | os.PathLike, order: list[tuple] | None = None) -> Path:
-        """Write every row to ``out_path`` (JSONL) atomically and return that path.
+    def finalize(self, out_path: str | os.PathLike, order: list[tuple] | None = None, where=None) -> Path:
+        """Write every row (or those for which ``where(row)`` is true) to ``out_path`` (JSONL) atomically and
+        return that path.
 
         With ``order`` (a list of keys) rows come in that order; rows whose key is not in ``order`` follow,
         in the order they were written, so that nothing finished is ever lost.
         """
-        rows = self.rows()
+        rows = [row for row in self.rows() if where is None or where(row)]
         if order is not None:
             rank = {tuple(_key_part(v) for v in key): i for i, key in enumerate(order)}
             rows.sort(key=lambda row: rank.get(self.key_of(row), len(rank)))  # stable: unranked keep order

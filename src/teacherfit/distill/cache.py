@@ -38,6 +38,11 @@ alone leave P with an error that is large relative to the small tails of confide
 need 18 bits (vocabularies of 151,936 and 262,144): int32. A cache written with ``tail_samples=0`` holds
 plain top-K rows, read with the bucket.
 
+**Vocabulary.** Rows are over the tokenizer's ids only (``vocab_rows`` in the meta, ``min(len(tokenizer), head
+rows)``): a head padded past its tokenizer (Qwen2.5-7B: 152,064 rows for 151,936 tokens) gives its padded rows
+no mass and no tail draws, whose ids would index past a student head of the tokenizer's size.
+``TopKCache.check_compatible`` refuses a cache whose rows the student's tokenizer or head do not cover.
+
 **Layout.** A cache is a folder: ``index.json`` (format, meta, the list of complete shards) and
 ``shard-NNNNN.safetensors`` files, each holding whole examples: ``ids`` [rows, K] int32, ``logprobs``
 [rows, K] (fp16 by default) and ``topk_logsumexp`` [rows] fp32, with the examples' keys and row counts in
@@ -277,7 +282,9 @@ class TopKCacheWriter:
     (``topk_with_tail_draws``, seeded with ``sample_seed``); 0 stores plain top-K rows. ``add`` buffers an
     example; every ``examples_per_shard`` examples the buffer is written as one shard (``flush``), then
     the index. Re-opening a folder that already holds a cache continues it, after checking that its meta
-    (K, tail draws, encoding, teacher, tokenizer digest, max_length) is the one asked for.
+    (K, tail draws, encoding, teacher, tokenizer digest, max_length, vocab rows) is the one asked for.
+    ``vocab_rows`` is the vocabulary the rows are over (``len(tokenizer)`` for ``teacherfit cache-teacher``: the
+    head's padded rows are cut off); ``TopKCache.check_compatible`` checks it against the student's.
     """
 
     def __init__(
@@ -292,6 +299,7 @@ class TopKCacheWriter:
         encoding: str = DEFAULT_ENCODING,
         tail_samples: int = 0,
         sample_seed: int = 0,
+        vocab_rows: int | None = None,
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -319,7 +327,9 @@ class TopKCacheWriter:
             "teacher": dict(teacher_provenance),
             "tokenizer_digest": tokenizer_digest,
             "max_length": max_length,
-            "positions": "t with labels[t + 1] != -100, in order; logprobs at temperature 1 over the full vocabulary",
+            "vocab_rows": vocab_rows,
+            "positions": "t with labels[t + 1] != -100, in order; logprobs at temperature 1 over the first vocab_rows "
+                         "rows of the head (the tokenizer's ids; padded rows left out)",
             "columns": f"{top_k - tail_samples} most likely tokens, then {tail_samples} draws from the rest "
                        "(with replacement, uniforms from sha256(sample_seed:key)); read with loss_kwargs()",
         }
@@ -417,6 +427,8 @@ class TopKCache:
         self.meta: dict = index["meta"]
         self.k: int = int(self.meta["k"])
         self.tail_samples: int = int(self.meta.get("tail_samples", 0))
+        rows = self.meta.get("vocab_rows")
+        self.vocab_rows: int | None = None if rows is None else int(rows)
         self.encoding = ENCODINGS.get(self.meta["encoding"])
         if self.encoding is None:
             raise CacheError(f"{self.folder}: unknown encoding {self.meta['encoding']!r}")
@@ -446,8 +458,11 @@ class TopKCache:
         """What ``forward_kl_topk`` (or ``chunked_head_losses``'s ``divergence_kwargs``) needs to read these rows."""
         return {"tail_samples": self.tail_samples} if self.tail_samples else {}
 
-    def check_compatible(self, tokenizer, max_length: int) -> None:
-        """Refuse a cache made for other token sequences, before any training work."""
+    def check_compatible(self, tokenizer, max_length: int, *, student_rows: int | None = None) -> None:
+        """Refuse a cache made for other token sequences or another vocabulary, before any training work.
+
+        ``student_rows``: rows of the student's output head (from its config); every cached id must index one.
+        """
         digest = tokenizer_digest(tokenizer)
         if digest != self.meta["tokenizer_digest"]:
             raise CacheMismatchError(
@@ -461,6 +476,21 @@ class TopKCache:
                 f"the teacher cache {self.folder} was made with max_length={self.meta['max_length']}, training "
                 f"uses {max_length}: truncated examples would not line up; use the same max_length or rebuild it"
             )
+        if self.vocab_rows is None:
+            raise CacheMismatchError(
+                f"the teacher cache {self.folder} does not record the vocabulary its distributions are over "
+                "(made by an older teacherfit, which may have kept the teacher head's padded rows): rebuild it "
+                "with `teacherfit cache-teacher`")
+        if self.vocab_rows > len(tokenizer):
+            raise CacheMismatchError(
+                f"the teacher cache {self.folder} holds distributions over {self.vocab_rows} token ids, the "
+                f"student's tokenizer has {len(tokenizer)}: rebuild it with `teacherfit cache-teacher` and a "
+                "teacher that shares the student's tokenizer")
+        if student_rows is not None and student_rows < self.vocab_rows:
+            raise CacheMismatchError(
+                f"the student's output head has {student_rows} rows, fewer than the {self.vocab_rows} token ids "
+                f"of the teacher cache {self.folder}: the student cannot predict every token of its tokenizer; "
+                "use a student whose head covers its tokenizer")
 
     def _shard(self, number: int):
         handle = self._open.get(number)

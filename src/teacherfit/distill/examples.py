@@ -27,8 +27,16 @@ def best_of_rank(rank_run: Path) -> list[Record]:
     import pyarrow.parquet as pq
 
     rank_run = Path(rank_run)
-    results = json.loads((rank_run / "results.json").read_text())
-    samples = pq.read_table(rank_run / "per_sample.parquet").to_pylist()
+    missing = [f for f in ("results.json", "per_sample.parquet") if not (rank_run / f).is_file()]
+    if missing:
+        raise ValueError(f"data.best_of_rank: {rank_run} is not a finished `teacherfit rank` run (no "
+                         f"{' or '.join(missing)}); give the --out folder of a rank run that completed")
+    try:
+        results = json.loads((rank_run / "results.json").read_text())
+        samples = pq.read_table(rank_run / "per_sample.parquet").to_pylist()
+        sets_of = results["response_sets"]
+    except (ValueError, KeyError, OSError) as err:  # pyarrow's errors are ValueErrors/OSErrors
+        raise ValueError(f"data.best_of_rank: {rank_run}: unreadable rank outputs ({err}); re-run rank") from None
     best: dict[str, dict] = {}
     for s in samples:
         if s["car"] is None or not math.isfinite(s["car"]):
@@ -36,7 +44,7 @@ def best_of_rank(rank_run: Path) -> list[Record]:
         if s["id"] not in best or s["car"] > best[s["id"]]["car"]:
             best[s["id"]] = s
     sets = {name: {r.id: r for r in load_records(path, require_response=True).records}
-            for name, path in results["response_sets"].items()}
+            for name, path in sets_of.items()}
     chosen = []
     for sid, s in best.items():
         rec = sets[s["teacher"]][sid]

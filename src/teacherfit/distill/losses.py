@@ -485,8 +485,12 @@ def attention_kl(
 # ---------------------------------------------------------------- chunked LM-head path
 
 
-def _softcap(z: Tensor, cap: float | None) -> Tensor:
-    return z if cap is None else torch.tanh(z / cap) * cap
+def _apply(post: Callable[[Tensor], Tensor] | None, z: Tensor) -> Tensor:
+    return z if post is None else post(z)
+
+
+def _is_identity(post: Callable[[Tensor], Tensor] | None) -> bool:
+    return post is None or bool(getattr(post, "identity", False))
 
 
 def linear_head_params(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
@@ -549,7 +553,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     Why by hand: neither torch nor transformers offers a fused linear + divergence loss for two models
     (Liger-Kernel has fused linear cross-entropy and a JSD, but Triton-only and not for our divergences
     or top-k teachers). For each chunk of tokens the head's logits are computed once, the loss terms and
-    d(loss)/d(logits) come from autograd on that chunk alone (any divergence, softcap, top-k teacher), and
+    d(loss)/d(logits) come from autograd on that chunk alone (any divergence, post-head transform, top-k teacher), and
     the chunk's share of d/d(hidden) and d/d(weight) is formed at once by two matmuls. Backward then only
     scales the stored gradients. Against checkpointing this saves the recomputation of both heads during
     backward (a third of the head FLOPs) and every chunk-sized tensor is freed before the next chunk.
@@ -610,8 +614,8 @@ def chunked_head_losses(
     chunk_size: int = 1024,
     ignore_index: int = -100,
     need_ce: bool = True,
-    softcap: float | None = None,
-    teacher_softcap: float | None = None,
+    post_head: Callable[[Tensor], Tensor] | None = None,
+    teacher_post_head: Callable[[Tensor], Tensor] | None = None,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
     fused: bool = True,
@@ -643,8 +647,10 @@ def chunked_head_losses(
     - otherwise (or ``fused=False``): each chunk runs inside ``torch.utils.checkpoint`` and is recomputed
       during backward, teacher head included. ``kd_sum`` and ``ce_sum`` are differentiable too.
 
-    ``softcap`` / ``teacher_softcap``: final-logit soft-capping ``tanh(z / cap) * cap``, applied in fp32,
-    for architectures that have it (e.g. Gemma 2). CE is at tau = 1 on the (capped) student logits.
+    ``post_head`` / ``teacher_post_head``: what the architecture does to the head's output before the softmax
+    (``teacherfit.scoring.PostHead``: Granite's and Cohere's logit scaling, Gemma 2's soft-capping), a callable
+    applied to each chunk's fp32 logits; None (or an identity) for none. CE is at tau = 1 on the transformed
+    student logits. The in-place forward-KL kernel serves identity transforms only; others take autograd.
     """
     _check_temperature(temperature)
     if chunk_size < 1:
@@ -668,8 +674,8 @@ def chunked_head_losses(
             raise ValueError(
                 f"a top-k teacher supports divergence='forward_kl' only (forward_kl_topk), got {divergence!r}"
             )
-        if teacher_softcap is not None:
-            raise ValueError("teacher_softcap does not apply to a top-k teacher (its log-probs are cached)")
+        if not _is_identity(teacher_post_head):
+            raise ValueError("teacher_post_head does not apply to a top-k teacher (its log-probs are cached)")
         _check_topk(teacher_topk[0], teacher_topk[1], tuple(labels.shape))
     elif divergence not in _DIVERGENCE_TOKENS:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(_DIVERGENCE_TOKENS)}")
@@ -695,14 +701,17 @@ def chunked_head_losses(
     has_teacher = t_h is not None or ids is not None
     zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
 
-    # 2) The terms of one chunk, from its student logits ``z_raw`` [c, V] (fp32, before any softcap).
+    # 2) The terms of one chunk, from its student logits ``z_raw`` [c, V] (fp32, before the post-head transform).
+    post_head = None if _is_identity(post_head) else post_head
+    teacher_post_head = None if _is_identity(teacher_post_head) else teacher_post_head
+
     def chunk_terms(z_raw: Tensor, start: int) -> tuple[Tensor, Tensor]:
         sl = slice(start, start + z_raw.shape[0])
-        z = _softcap(z_raw, softcap)
+        z = _apply(post_head, z_raw)
         kd = ce = zero
         if t_h is not None:
             with torch.no_grad():
-                t_z = _softcap(teacher_head(t_h[sl]).float(), teacher_softcap)
+                t_z = _apply(teacher_post_head, teacher_head(t_h[sl]).float())
             if t_z.shape[-1] != z.shape[-1]:
                 raise ValueError(
                     f"student and teacher vocabularies differ ({z.shape[-1]} vs {t_z.shape[-1]} logits): "
@@ -725,8 +734,8 @@ def chunked_head_losses(
                 "ce_sum": ce_sum if need_ce else zero, "n_tokens": n}
 
     # The in-place forward-KL kernel serves the default setting; anything else takes autograd on the chunk.
-    fast_kl = (t_h is not None and divergence == "forward_kl" and not kwargs and softcap is None
-               and teacher_softcap is None and (not need_ce or ce_weight == 0 or temperature == 1.0))
+    fast_kl = (t_h is not None and divergence == "forward_kl" and not kwargs and post_head is None
+               and teacher_post_head is None and (not need_ce or ce_weight == 0 or temperature == 1.0))
 
     def chunk_grad(z_raw: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(kd sum, ce sum, d(kd_weight * kd + ce_weight * ce) / d z_raw) of one chunk; runs under no_grad."""

@@ -33,7 +33,7 @@ from teacherfit.config import AlignConfig, DistillConfig, KDConfig, TrainOptions
 from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
 from teacherfit.distill.examples import TrainExample
 from teacherfit.distill.losses import chunked_head_losses, linear_head_params
-from teacherfit.scoring import pad_batch
+from teacherfit.scoring import PostHead, head_transform, pad_batch
 from teacherfit.store import atomic_write_json, atomic_write_text
 from teacherfit.ui import console, progress_bar
 
@@ -69,8 +69,10 @@ def output_head(model: nn.Module, vocab: int | None = None) -> nn.Module:
     return head if vocab is None or head.weight.shape[0] == vocab else VocabHead(head, vocab)
 
 
-def softcap_of(model: nn.Module) -> float | None:
-    return getattr(model.config, "final_logit_softcapping", None) or None
+def post_head(model: nn.Module) -> PostHead | None:
+    """The model's post-head transform for ``chunked_head_losses`` (checked against its forward), None if identity."""
+    post = head_transform(model)
+    return None if post.identity else post
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -119,24 +121,38 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class Schedule:
-    """Which examples each micro-batch of each optimizer step holds, for this process."""
+    """Which examples each micro-batch of each optimizer step holds, for this process.
+
+    An epoch is every example once: ``ceil(n / batch_size)`` micro-batches (the last one may be smaller) in
+    ``steps_per_epoch = ceil(micro-batches / (grad_accum * world))`` optimizer steps, and the last step of an
+    epoch takes only the epoch's remaining micro-batches (the loop normalises by the step's real tokens, so a
+    short step is an unbiased step). No step mixes two epochs, so ``epochs`` whole epochs see each example
+    exactly ``epochs`` times; ``total_steps = round(epochs * steps_per_epoch)`` (at least 1) for fractional
+    epochs, or ``max_steps``. With several processes the last step of an epoch needs a micro-batch for every
+    process (DDP syncs once per step): an epoch's last fewer-than-``world`` micro-batches are left out.
+    """
 
     def __init__(self, n_examples: int, opts: TrainOptions, world: int = 1, rank: int = 0):
         self.n, self.opts, self.world, self.rank = n_examples, opts, world, rank
-        self.micro_per_epoch = max(1, n_examples // opts.batch_size)  # drop the ragged last micro-batch
-        per_step = opts.grad_accum * world
-        self.total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * self.micro_per_epoch / per_step))
+        self.per_step = opts.grad_accum * world
+        micro = math.ceil(n_examples / opts.batch_size)
+        short = micro % self.per_step
+        if 0 < short < world:  # a process with no micro-batch in a step would leave DDP's gradient sync waiting
+            micro -= short
+        if 0 < micro < world:
+            raise ValueError(f"{n_examples} training examples at batch_size={opts.batch_size} make {micro} micro-batches, "
+                             f"fewer than the {world} processes: lower train.batch_size or use fewer processes")
+        self.micro_per_epoch = max(1, micro)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.per_step)
+        self.total_steps = opts.max_steps or max(1, round(opts.epochs * self.steps_per_epoch))
 
     def step(self, step: int) -> list[list[int]]:
-        per_step = self.opts.grad_accum * self.world
-        micro = []
-        for g in range(step * per_step, (step + 1) * per_step):
-            if g % self.world != self.rank:
-                continue
-            epoch, pos = divmod(g, self.micro_per_epoch)
-            order = epoch_order(self.n, self.opts.seed, epoch)
-            micro.append(order[pos * self.opts.batch_size : (pos + 1) * self.opts.batch_size])
-        return micro
+        epoch, within = divmod(step, self.steps_per_epoch)
+        first = within * self.per_step
+        positions = range(first, min(first + self.per_step, self.micro_per_epoch))
+        order = epoch_order(self.n, self.opts.seed, epoch)
+        size = self.opts.batch_size
+        return [order[pos * size : (pos + 1) * size] for i, pos in enumerate(positions) if i % self.world == self.rank]
 
 
 class DistillModule(nn.Module):
@@ -150,9 +166,10 @@ class DistillModule(nn.Module):
         self.vocab = vocab
         self.layer_map = layer_map
         self.capture = capture
+        self.post_head = post_head(student)
 
     def forward(self, input_ids, attention_mask, labels, *, teacher_hidden=None, teacher_head=None,
-                teacher_softcap=None, teacher_topk=None, teacher_captured=None,
+                teacher_post_head=None, teacher_topk=None, teacher_captured=None,
                 teacher_routes=None, divergence_kwargs=None) -> dict[str, Any]:
         if self.capture is not None:
             self.capture.clear()
@@ -160,7 +177,7 @@ class DistillModule(nn.Module):
         if teacher_routes is not None:
             return self._routed_sums(hidden, labels, teacher_routes)
         sums = self._head_sums(hidden, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                               teacher_softcap=teacher_softcap, teacher_topk=teacher_topk,
+                               teacher_post_head=teacher_post_head, teacher_topk=teacher_topk,
                                divergence_kwargs=divergence_kwargs)
         if self.capture is not None and teacher_captured is not None:
             attn_sum, attn_count = attention_kd_sums(
@@ -196,7 +213,7 @@ class DistillModule(nn.Module):
         return total
 
     def _head_sums(self, hidden: Tensor, labels: Tensor, *, teacher_hidden=None, teacher_head=None,
-                   teacher_softcap=None, teacher_topk=None, divergence_kwargs=None) -> dict[str, Any]:
+                   teacher_post_head=None, teacher_topk=None, divergence_kwargs=None) -> dict[str, Any]:
         return chunked_head_losses(
             hidden[:, :-1],
             output_head(self.student, self.vocab),
@@ -208,8 +225,8 @@ class DistillModule(nn.Module):
             divergence_kwargs={**self.kd.divergence_kwargs, **(divergence_kwargs or {})} or None,
             temperature=self.kd.temperature,
             chunk_size=self.kd.chunk_for(self.student.get_output_embeddings().weight.shape[0]),
-            softcap=softcap_of(self.student),
-            teacher_softcap=teacher_softcap,
+            post_head=self.post_head,
+            teacher_post_head=teacher_post_head,
             kd_weight=self.kd.lambda_ * self.kd.w_pred,
             ce_weight=1 - self.kd.lambda_,
             fused=self.kd.fused_head,
@@ -227,7 +244,7 @@ class OnlineTeacher:
         head = output_head(model, vocab)
         # the KD chunks run where the student's hidden states are: a copy of the head only if devices differ
         self.head = head if device == student_device else copy.deepcopy(head).to(student_device)
-        self.softcap = softcap_of(model)
+        self.post_head = post_head(model)  # before the capture hooks: the check runs a forward
         self.device, self.student_device = device, student_device
         self.capture = AttentionCapture(model, attn_layers) if attn_layers else None
         if self.capture is not None:
@@ -240,7 +257,7 @@ class OnlineTeacher:
             hidden = decoder_of(self.model)(input_ids=micro.input_ids.to(self.device),
                                             attention_mask=micro.attention_mask.to(self.device)).last_hidden_state
         signal: dict[str, Any] = {"teacher_hidden": hidden.to(self.student_device), "teacher_head": self.head,
-                                  "teacher_softcap": self.softcap}
+                                  "teacher_post_head": self.post_head}
         if self.capture is not None:
             signal["teacher_captured"] = {
                 k: v._replace(query=v.query.to(self.student_device), key=v.key.to(self.student_device))
@@ -252,25 +269,40 @@ class OnlineTeacher:
             self.capture.__exit__(None, None, None)
 
 
+class AdaptersOff:
+    """A LoRA model's output head called with every adapter switched off (the head's own adapter included).
+
+    The KD chunks call the teacher head after the teacher's forward has returned, so a head that carries an
+    adapter (``target_modules`` with ``lm_head``) must switch the adapters off itself at each call."""
+
+    def __init__(self, model: nn.Module, head: nn.Module):
+        self.model, self.head = model, head
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        with self.model.disable_adapter():
+            return self.head(hidden)
+
+
 class StartingWeightsTeacher:
     """The student's own starting weights as a frozen teacher, at no memory cost: a LoRA student with its
     adapters switched off (``peft``'s ``disable_adapter``) is exactly the model it started from.
 
-    For DAE's general reference this keeps, on non-domain samples, what the student already did. The output
-    head must not carry adapters (peft's ``all-linear`` leaves it out), since the KD chunks call it later.
+    For DAE's general reference this keeps, on non-domain samples, what the student already did. The adapters
+    are off for the whole teacher: the decoder here and the output head in the KD chunks (``AdaptersOff``).
     """
 
     def __init__(self, model: nn.Module, *, vocab: int | None, student_device: torch.device):
         if not hasattr(model, "disable_adapter"):
             raise ValueError("the starting-weights teacher needs a LoRA student (set `lora`), or give the model itself")
         self.model, self.vocab, self.student_device = model, vocab, student_device
+        self.head = AdaptersOff(model, output_head(model, vocab))
+        self.post_head = post_head(model)
 
     def __call__(self, micro: Micro) -> dict[str, Any]:
         with torch.no_grad(), self.model.disable_adapter():
             hidden = decoder_of(self.model)(input_ids=micro.input_ids.to(self.student_device),
                                             attention_mask=micro.attention_mask.to(self.student_device)).last_hidden_state
-        return {"teacher_hidden": hidden.detach(), "teacher_head": output_head(self.model, self.vocab),
-                "teacher_softcap": softcap_of(self.model)}
+        return {"teacher_hidden": hidden.detach(), "teacher_head": self.head, "teacher_post_head": self.post_head}
 
     def close(self) -> None:
         pass

@@ -29,9 +29,9 @@ from teacherfit.data import Record, load_records, tokenize_example
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import example_key, tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, RoutedTeacher, StartingWeightsTeacher, train
-from teacherfit.models import load_model, load_tokenizer, resolve_model
+from teacherfit.models import load_model, load_text_config, load_tokenizer, resolve_model
 from teacherfit.routing import DOMAIN, GENERAL, Routing, resample_to_share, route, sample_text, share_of
-from teacherfit.store import atomic_write_json, atomic_write_text
+from teacherfit.store import atomic_write_json, atomic_write_text, cached_json
 from teacherfit.ui import console, rich_table
 
 ROUTE_TEACHER = {DOMAIN: "expert", GENERAL: "reference"}
@@ -137,10 +137,7 @@ def print_routing(summary: dict[str, Any]) -> None:
 
 
 def _config_rows(spec: str, trust_remote_code: bool) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(resolve_model(spec).location, trust_remote_code=trust_remote_code)
-    return (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).vocab_size
+    return load_text_config(spec, trust_remote_code=trust_remote_code)[1].vocab_size
 
 
 def check_teachers(cfg: AlignConfig, sources: dict[str, tuple[str, Any]], student_tok, student_rows: int,
@@ -165,8 +162,9 @@ def check_teachers(cfg: AlignConfig, sources: dict[str, tuple[str, Any]], studen
             if cfg.kd.divergence != "forward_kl":
                 raise ValueError(f"the top-k cache of the {who} supports kd.divergence=forward_kl only")
             cache = TopKCache(where)
-            cache.check_compatible(student_tok, max_length)
+            cache.check_compatible(student_tok, max_length, student_rows=student_rows)
             caches[name] = cache
+            rows.append(cache.vocab_rows)  # the cache's ids cover the tokenizer only: padded rows are left out
     vocab = min(rows) if len(set(rows)) > 1 else None
     return vocab, notes, caches
 
@@ -201,14 +199,6 @@ def heldout_losses(model_spec: str | Path, sets: dict[str, Path], cfg: AlignConf
 
 def _heldout_sets(cfg: AlignConfig) -> dict[str, Path]:
     return {name: path for name, path in ((DOMAIN, cfg.heldout.domain), (GENERAL, cfg.heldout.general)) if path}
-
-
-def _cached_json(path: Path, compute) -> Any:
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    atomic_write_json(path, value)
-    return value
 
 
 def before_after_table(before: dict, after: dict) -> list[dict]:
@@ -279,7 +269,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
 
     # 3) held-out losses of the untrained student (cached in the run directory for resumes)
     sets = _heldout_sets(cfg)
-    before = _cached_json(run_dir / "heldout_before.json", lambda: heldout_losses(cfg.student, sets, cfg))
+    before = cached_json(run_dir / "heldout_before.json", lambda: heldout_losses(cfg.student, sets, cfg))
 
     # 4) train: the distillation runtime with one teacher per route
     from teacherfit.pipelines.distill import build_student
@@ -344,7 +334,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
     after = heldout_losses(result.model_dir, sets, cfg)
     judged = None
     if cfg.evaluate is not None:
-        judged = {"before": _cached_json(run_dir / "evaluate_before.json",
+        judged = {"before": cached_json(run_dir / "evaluate_before.json",
                                          lambda: judged_scores(cfg, cfg.student, run_dir / "evaluate" / "before")),
                   "after": judged_scores(cfg, str(result.model_dir), run_dir / "evaluate" / "after")}
     summary = {

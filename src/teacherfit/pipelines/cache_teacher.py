@@ -29,6 +29,7 @@ from teacherfit.distill.cache import (
 from teacherfit.distill.examples import TrainExample, tokenize_records, training_records
 from teacherfit.models import (
     load_model,
+    load_text_config,
     load_tokenizer,
     pick_device,
     pick_dtype,
@@ -44,11 +45,17 @@ MAX_BATCH = 64  # examples per forward batch, on top of the token budget
 
 def teacher_vocab(cfg: CacheTeacherConfig) -> int:
     """Rows of the teacher's output head, from its config (no weights loaded)."""
-    from transformers import AutoConfig
+    return load_text_config(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)[1].vocab_size
 
-    config = AutoConfig.from_pretrained(resolve_model(cfg.teacher).location,
-                                        trust_remote_code=cfg.models.trust_remote_code)
-    return (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+
+def cached_rows(tokenizer, head_rows: int) -> int:
+    """The vocabulary the cache's distributions are over: the tokenizer's ids, not the head's padded rows.
+
+    Heads are often padded past the tokenizer (Qwen2.5-7B: 152,064 rows for 151,936 tokens); a padded row is
+    never a token, so it must not take probability mass nor be drawn into the tail (its id would index past a
+    student head of the tokenizer's size). A tokenizer may also list a token past the head's last row (an
+    added unknown token the model never saw); the head cannot predict it, so the rows end with the head."""
+    return min(len(tokenizer), head_rows)
 
 
 def teacher_identity(cfg: CacheTeacherConfig) -> dict:
@@ -66,6 +73,7 @@ def teacher_topk(
     top_k: int,
     tail_samples: int = 0,
     sample_seed: int = 0,
+    vocab_rows: int | None = None,
     pad_token_id: int,
     max_tokens: int,
     max_batch: int = MAX_BATCH,
@@ -74,12 +82,13 @@ def teacher_topk(
     """Per length-sorted batch: ``[(example, ids [N, K] int64, logprobs [N, K] fp32), ...]`` and its real tokens.
 
     The decoder runs on the padded batch; the LM head runs only on the hidden states of loss positions,
-    ``head_chunk`` at a time, so the full [B, T, V] logits never exist. Each chunk's fp32 logits become
-    cache rows with ``topk_with_tail_draws`` (top K - S, then S tail draws from per-example uniforms).
+    ``head_chunk`` at a time, so the full [B, T, V] logits never exist. Each chunk's fp32 logits (post-head
+    transform applied, cut to the first ``vocab_rows`` rows, default all) become cache rows with
+    ``topk_with_tail_draws`` (top K - S, then S tail draws from per-example uniforms).
     """
     device = next(model.parameters()).device
     decoder = model.get_decoder()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = vocab_rows or model.get_output_embeddings().weight.shape[0]
     if top_k > vocab:
         raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({vocab} tokens): lower top_k")
     lengths = [len(ex.tokens.input_ids) for ex in examples]
@@ -87,7 +96,7 @@ def teacher_topk(
         ids, mask = pad_batch([examples[i].tokens.input_ids for i in batch], pad_token_id)
         labels, _ = pad_batch([examples[i].tokens.labels for i in batch], -100)
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         keep = labels[:, 1:] != -100  # position t predicts token t + 1 (right padding: positions 0..n-1)
         h = hidden[:, :-1][keep]  # row-major: example by example, positions in order
         del hidden
@@ -97,7 +106,7 @@ def teacher_topk(
         top_ids = torch.empty(h.shape[0], top_k, dtype=torch.long)
         top_lps = torch.empty(h.shape[0], top_k, dtype=torch.float32)
         for s in range(0, h.shape[0], head_chunk):
-            logits = lm_head_logits(model, h[s : s + head_chunk]).float()
+            logits = lm_head_logits(model, h[s : s + head_chunk])[:, :vocab]
             ids_c, lps_c = topk_with_tail_draws(logits, k=top_k, tail_samples=tail_samples,
                                                 uniforms=uniforms[s : s + head_chunk])
             top_ids[s : s + head_chunk], top_lps[s : s + head_chunk] = ids_c.cpu(), lps_c.cpu()
@@ -114,7 +123,10 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
     records = training_records(cfg.data)
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)
     examples, token_stats = tokenize_records(records, tokenizer, cfg.max_length)
-    tail_samples = default_tail_samples(cfg.top_k, teacher_vocab(cfg))
+    vocab_rows = cached_rows(tokenizer, teacher_vocab(cfg))
+    if cfg.top_k > vocab_rows:
+        raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({vocab_rows} tokens): lower top_k")
+    tail_samples = default_tail_samples(cfg.top_k, vocab_rows)
     writer = TopKCacheWriter(
         run_dir,
         top_k=cfg.top_k,
@@ -123,6 +135,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         tokenizer_digest=tokenizer_digest(tokenizer),
         max_length=cfg.max_length,
         examples_per_shard=cfg.examples_per_shard,
+        vocab_rows=vocab_rows,
     )
     done = writer.done_keys()
     todo = [ex for ex in examples if ex.key not in done]
@@ -140,7 +153,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
                             trust_remote_code=cfg.models.trust_remote_code)
         with progress_bar("cache teacher", len(todo)) as advance:
             for rows, n_tokens in teacher_topk(loaded.model, todo, top_k=cfg.top_k, tail_samples=tail_samples,
-                                               pad_token_id=loaded.tokenizer.pad_token_id, max_tokens=cfg.max_tokens):
+                                               vocab_rows=vocab_rows, pad_token_id=loaded.tokenizer.pad_token_id, max_tokens=cfg.max_tokens):
                 for ex, ids, lps in rows:
                     writer.add(ex.key, ids, lps)
                     cached_now += ids.shape[0]
@@ -161,6 +174,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         "shards": stats["shards"],
         "k": cfg.top_k,
         "tail_samples": tail_samples,
+        "vocab_rows": vocab_rows,
         "encoding": writer.meta["encoding"],
         "teacher": writer.meta["teacher"],
         "examples_now": len(todo),

@@ -17,30 +17,138 @@ from typing import Any
 import yaml
 
 from teacherfit import metrics
-from teacherfit.config import CorrelateConfig, prepare_run_dir
+from teacherfit.config import ConfigError, CorrelateConfig, prepare_run_dir
+from teacherfit.data import DataError
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import console, rich_table
 
 CORRELATED = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
 
 
+OUTCOMES_FORMAT = ("a JSON/YAML mapping {teacher: number}, a list of {teacher, outcome}, or a CSV with columns "
+                   "teacher,outcome")
+
+
+def _csv_entries(path: Path) -> list[tuple[Any, Any, int]]:
+    """(teacher, outcome, line) per row; utf-8-sig so that Excel's byte-order mark is not read as a column name."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"teacher", "outcome"} <= {f.strip() for f in reader.fieldnames}:
+            raise DataError(f"{path}:1: a CSV of outcomes needs the header teacher,outcome (found: "
+                            f"{','.join(reader.fieldnames or [])})", path, line=1)
+        rows = []
+        for row in reader:
+            row = {(k or "").strip(): v for k, v in row.items()}
+            rows.append((row.get("teacher"), row.get("outcome"), reader.line_num))
+        return rows
+
+
+def _tree_entries(path: Path, text: str) -> list[tuple[Any, Any, int]]:
+    """(teacher, outcome, line) per entry of a JSON or YAML file, duplicates kept (a plain load drops them).
+
+    Walks YAML's node tree, which has line numbers; JSON is read through it too (a valid JSON text is YAML
+    flow syntax once its tabs, which can only be whitespace there, are spaces), its scalars by ``json``.
+    """
+    is_json = path.suffix == ".json"
+    if is_json:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})", path, line=err.lineno) from None
+        text = text.replace("\t", " ")
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        root = loader.get_single_node()
+
+        def value(node: yaml.Node) -> Any:
+            if not isinstance(node, yaml.ScalarNode):
+                return node  # nested: refused below
+            return json.loads(text[node.start_mark.index:node.end_mark.index]) if is_json else loader.construct_object(node)
+
+        line = lambda node: node.start_mark.line + 1  # noqa: E731
+        if isinstance(root, yaml.MappingNode):
+            inner = [v for k, v in root.value if value(k) == "outcomes"]
+            root = inner[0] if inner else root
+        if isinstance(root, yaml.MappingNode):
+            return [(value(k), value(v), line(k)) for k, v in root.value]
+        if isinstance(root, yaml.SequenceNode):
+            entries = []
+            for item in root.value:
+                fields = {value(k): v for k, v in item.value} if isinstance(item, yaml.MappingNode) else {}
+                if "teacher" not in fields or "outcome" not in fields:
+                    raise DataError(f"{path}:{line(item)}: each entry needs the fields teacher and outcome", path,
+                                    line=line(item))
+                entries.append((value(fields["teacher"]), value(fields["outcome"]), line(item)))
+            return entries
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        number = mark.line + 1 if mark is not None else None
+        raise DataError(f"{path}{f':{number}' if number else ''}: not valid {'JSON' if is_json else 'YAML'} "
+                        f"({getattr(err, 'problem', None) or err})", path, line=number) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    raise DataError(f"{path}: no outcomes; give {OUTCOMES_FORMAT}", path)
+
+
 def read_outcomes(path: Path) -> dict[str, float]:
-    """teacher -> outcome, from JSON/YAML ({teacher: value} or [{teacher, outcome}]) or CSV (teacher,outcome)."""
+    """teacher -> outcome, from JSON/YAML ({teacher: value}, [{teacher, outcome}], either under ``outcomes:``)
+    or CSV (teacher,outcome). Anything else, a teacher given twice, or a value that is not a finite number is a
+    DataError naming the file and line."""
     path = Path(path)
-    if path.suffix == ".csv":
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or not {"teacher", "outcome"} <= set(rows[0]):
-            raise ValueError(f"{path}: a CSV of outcomes needs the columns teacher,outcome")
-        return {r["teacher"]: float(r["outcome"]) for r in rows}
-    data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-    if isinstance(data, dict) and "outcomes" in data:
-        data = data["outcomes"]
-    if isinstance(data, list):
-        return {str(r["teacher"]): float(r["outcome"]) for r in data}
-    if isinstance(data, dict):
-        return {str(k): float(v) for k, v in data.items()}
-    raise ValueError(f"{path}: outcomes must map teacher -> number")
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; give the outcomes file: "
+                        f"{OUTCOMES_FORMAT}", path)
+    if path.suffix not in (".csv", ".json", ".yaml", ".yml"):
+        raise DataError(f"{path}: name the outcomes file .json, .yaml, .yml or .csv ({OUTCOMES_FORMAT})", path)
+    try:
+        entries = _csv_entries(path) if path.suffix == ".csv" else _tree_entries(path, path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8 (CSV UTF-8 in Excel)", path) from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV ({err})", path) from None
+    outcomes: dict[str, float] = {}
+    lines: dict[str, int] = {}
+    for teacher, outcome, line in entries:
+        where = f"{path}:{line}"
+        if not isinstance(teacher, (str, int, float)) or isinstance(teacher, bool) or not str(teacher).strip():
+            raise DataError(f"{where}: no teacher name; give each outcome its teacher's name from the rank run", path,
+                            line=line)
+        teacher = str(teacher).strip()
+        if teacher in lines:
+            raise DataError(f"{where}: teacher {teacher!r} already has an outcome on line {lines[teacher]}; keep one "
+                            "row per teacher", path, line=line)
+        try:
+            number = float(outcome.strip() if isinstance(outcome, str) else outcome)
+            if isinstance(outcome, bool) or not math.isfinite(number):
+                raise ValueError
+        except (TypeError, ValueError):
+            shown = ("a nested value" if isinstance(outcome, yaml.Node) else "nothing" if outcome in (None, "")
+                     else repr(outcome))
+            raise DataError(f"{where}: the outcome of teacher {teacher!r} must be a finite number, got {shown}", path,
+                            line=line) from None
+        outcomes[teacher], lines[teacher] = number, line
+    if not outcomes:
+        raise DataError(f"{path}: no outcomes; give {OUTCOMES_FORMAT}", path)
+    return outcomes
+
+
+def read_rank_run(rank_run: Path) -> dict[str, Any]:
+    """The results of a finished ``teacherfit rank`` run directory."""
+    rank_run, results = Path(rank_run), Path(rank_run) / "results.json"
+    missing = [name for name in ("teachers.json", "results.json") if not (rank_run / name).is_file()]
+    if missing:
+        raise ConfigError(f"rank_run: {rank_run} is not a finished `teacherfit rank` run (no {' or '.join(missing)}); "
+                          "give the --out folder of a finished `teacherfit rank`")
+    try:
+        data = json.loads(results.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{results}: not readable JSON ({err}); run `teacherfit rank` again with this --out",
+                        results) from None
+    if not isinstance(data, dict) or not isinstance(data.get("teachers"), list):
+        raise DataError(f"{results}: has no list of teachers; run `teacherfit rank` again with this --out", results)
+    return data
 
 
 def correlate(teachers: list[dict[str, Any]], outcomes: dict[str, float], *, n_boot: int = 1000, seed: int = 0,
@@ -56,7 +164,9 @@ def correlate(teachers: list[dict[str, Any]], outcomes: dict[str, float], *, n_b
         values = [t.get(m, math.nan) for t in rows]
         if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             oriented[m] = [metrics.METRIC_DIRECTION.get(m, 1) * v for v in values]
-    corr = metrics.correlate_metrics(oriented, y, n_resamples=n_boot, seed=seed)
+    corr = metrics.correlate_metrics(oriented, y, n_resamples=max(n_boot, 1), seed=seed)
+    if not n_boot:  # bootstrap: 0 asks for no interval (correlate_metrics needs at least one resample)
+        corr = [row | {"spearman_low": math.nan, "spearman_high": math.nan} for row in corr]
     result: dict[str, Any] = {"n_teachers": len(rows), "unmatched": missing, "correlations": corr,
                               "teachers": [t["teacher"] for t in rows], "outcomes": y,
                               "paper_table4": metrics.PAPER_TABLE4}
@@ -71,9 +181,9 @@ def correlate(teachers: list[dict[str, Any]], outcomes: dict[str, float], *, n_b
 
 
 def run_correlate(cfg: CorrelateConfig) -> dict[str, Any]:
-    run_dir = prepare_run_dir(cfg, "correlate")
-    rank_results = json.loads((Path(cfg.rank_run) / "results.json").read_text())
+    rank_results = read_rank_run(cfg.rank_run)
     outcomes = read_outcomes(cfg.outcomes)
+    run_dir = prepare_run_dir(cfg, "correlate")
     result = correlate(rank_results["teachers"], outcomes, n_boot=cfg.bootstrap, seed=cfg.seed,
                        beta_source=rank_results)
     result["outcome_source"] = str(cfg.outcomes)

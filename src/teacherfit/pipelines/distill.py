@@ -18,7 +18,7 @@ from teacherfit.config import AlignConfig, DistillConfig, StudentInit, prepare_r
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, decoder_of, layers_of, train
-from teacherfit.models import load_model, load_tokenizer
+from teacherfit.models import load_model, load_text_config, load_tokenizer
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import console
 
@@ -71,8 +71,16 @@ def build_student(cfg: DistillConfig | AlignConfig):
     return model, loaded.tokenizer, loaded.provenance
 
 
-def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
-    run_dir = prepare_run_dir(cfg, "distill")
+def run_distill(cfg: DistillConfig, *, resume: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Train the student; with ``dry_run``, run every check that needs no weights and print what would run.
+
+    The checks (data files, tokenizers and head sizes, the cache's tokenizer digest, max_length and rows, the
+    student_init and layer-map specs against the configs' layer counts) all come before any weights are read,
+    so a dry run and a real run refuse the same inputs; a dry run then returns without writing anything.
+    """
+    from teacherfit.distill.train import Schedule
+    from teacherfit.scoring import post_head_of
+
     if cfg.teacher and cfg.teacher_cache:
         raise ValueError("give either teacher (online) or teacher_cache (offline), not both")
     kd_on = cfg.kd.lambda_ > 0 and (cfg.kd.w_pred > 0 or cfg.kd.w_attn > 0)
@@ -82,34 +90,41 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
         raise ValueError("attention KD needs the online teacher (the cache holds next-token distributions only): "
                          "set kd.w_attn=0 or give `teacher`")
     records = training_records(cfg.data)
-    student, tokenizer, student_prov = build_student(cfg)
+    trust = cfg.models.trust_remote_code
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
+    s_cfg, s_text = load_text_config(cfg.student, trust_remote_code=trust)
+    student_rows = s_text.vocab_size
+    student_layers = s_text.num_hidden_layers
+    if getattr(cfg, "student_init", None) is not None:
+        student_layers = len(select_layers(cfg.student_init.layers, student_layers))
     notes: list[str] = []
     vocab = None
     cache = None
+    teacher_layers = None
+    plan_teacher: dict[str, Any] | None = None
     if cfg.teacher and kd_on:
-        # tokenizers first: a mismatch is refused before the teacher's weights are read
-        teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)
-        from transformers import AutoConfig
-
-        from teacherfit.models import resolve_model
-
-        t_cfg = AutoConfig.from_pretrained(resolve_model(cfg.teacher).location,
-                                           trust_remote_code=cfg.models.trust_remote_code)
-        t_rows = (t_cfg.get_text_config() if hasattr(t_cfg, "get_text_config") else t_cfg).vocab_size
-        compat = check_kd_compatibility(tokenizer, teacher_tok, student_rows=student.get_output_embeddings().weight.shape[0],
-                                        teacher_rows=t_rows, student_name=cfg.student, teacher_name=cfg.teacher)
+        # tokenizers and configs first: a mismatch is refused before the teacher's weights are read
+        teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=trust)
+        t_cfg, t_text = load_text_config(cfg.teacher, trust_remote_code=trust)
+        compat = check_kd_compatibility(tokenizer, teacher_tok, student_rows=student_rows, teacher_rows=t_text.vocab_size,
+                                        student_name=cfg.student, teacher_name=cfg.teacher)
         vocab, notes = compat.vocab, compat.notes
+        teacher_layers = t_text.num_hidden_layers
+        plan_teacher = {"model": cfg.teacher, "post_head": str(post_head_of(t_cfg))}
     if cfg.teacher_cache and kd_on:
         from teacherfit.distill.cache import TopKCache
 
         if cfg.kd.divergence != "forward_kl":
             raise ValueError("the top-k teacher cache supports kd.divergence=forward_kl only")
         cache = TopKCache(cfg.teacher_cache)
-        cache.check_compatible(tokenizer, cfg.train.max_length)
+        cache.check_compatible(tokenizer, cfg.train.max_length, student_rows=student_rows)
+        if student_rows > cache.vocab_rows:  # the student's padded rows are left out, as on the online path
+            vocab = cache.vocab_rows
         # how the cache's rows are laid out (e.g. tail draws) is part of the loss
         kd = cfg.kd.model_copy(update={"divergence_kwargs": {**cfg.kd.divergence_kwargs, **cache.loss_kwargs()}})
         cfg = cfg.model_copy(update={"kd": kd})
-    context = getattr(student.config, "max_position_embeddings", None)
+        plan_teacher = {"cache": str(cache.folder), "examples": len(cache), **cache.meta.get("teacher", {})}
+    context = getattr(s_text, "max_position_embeddings", None)
     if context and cfg.train.max_length > context:
         notes.append(f"train.max_length={cfg.train.max_length} exceeds the student's context ({context}): using {context}")
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_length": context})})
@@ -123,17 +138,34 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True) -> dict[str, Any]:
         if missing:
             raise ValueError(f"{len(missing)} training examples are not in the teacher cache {cfg.teacher_cache}: "
                              "run `teacherfit cache-teacher` on the same data")
-
+    attn_on = bool(cfg.teacher and kd_on and cfg.kd.w_attn > 0)
     layer_map = None
-    attn_on = cfg.teacher and kd_on and cfg.kd.w_attn > 0
+    if attn_on:
+        from teacherfit.distill.attention import parse_layer_map
+
+        layer_map = parse_layer_map(cfg.kd.layer_map, student_layers, teacher_layers)
+    if not examples:
+        raise ValueError("no training example has a response token left: check the data and train.max_length")
+
+    if dry_run:
+        schedule = Schedule(len(examples), cfg.train)
+        plan = {"dry_run": True, "examples": stats, "steps": schedule.total_steps,
+                "steps_per_epoch": schedule.steps_per_epoch, "student": cfg.student, "student_layers": student_layers,
+                "student_post_head": str(post_head_of(s_cfg)), "teacher": plan_teacher,
+                "vocab": vocab, "layer_map": {str(k): v for k, v in (layer_map or {}).items()}, "notes": notes}
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}")
+        console.print(f"dry run: {stats['examples']} examples, {schedule.total_steps} optimizer steps "
+                      f"({schedule.steps_per_epoch} per epoch), student {cfg.student} ({student_layers} layers), "
+                      f"teacher {plan_teacher or 'none (kd.lambda=0)'}; nothing loaded, nothing written")
+        return plan
+
+    run_dir = prepare_run_dir(cfg, "distill")
+    student, tokenizer, student_prov = build_student(cfg)
     teacher_loaded = None
     if cfg.teacher and kd_on:
         teacher_loaded = load_model(cfg.teacher, device=cfg.teacher_device or cfg.models.device,
-                                    dtype=cfg.models.dtype, trust_remote_code=cfg.models.trust_remote_code)
-        if attn_on:
-            from teacherfit.distill.attention import parse_layer_map
-
-            layer_map = parse_layer_map(cfg.kd.layer_map, layers_of(student), layers_of(teacher_loaded.model))
+                                    dtype=cfg.models.dtype, trust_remote_code=trust)
 
     def teacher_factory(student_device: torch.device):
         if teacher_loaded is not None:

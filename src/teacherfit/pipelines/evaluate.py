@@ -27,13 +27,13 @@ import numpy as np
 
 from teacherfit import evaluation as E
 from teacherfit import metrics
-from teacherfit.config import EvaluateConfig, GenerateConfig, TeacherConfig, prepare_run_dir
-from teacherfit.data import Record, load_records, tokenize_example, tokenize_prompt
+from teacherfit.config import ConfigError, EvaluateConfig, GenerateConfig, TeacherConfig, prepare_run_dir
+from teacherfit.data import DataError, Record, load_records, tokenize_example, tokenize_prompt
 from teacherfit.generation import DecodingConfig
 from teacherfit.pipelines.generate import generate_teacher, make_generator
-from teacherfit.pipelines.rank import _cached, write_parquet
+from teacherfit.pipelines.rank import write_parquet
 from teacherfit.rewards import _question_text
-from teacherfit.store import ResumableJsonl, atomic_write_json
+from teacherfit.store import ResumableJsonl, atomic_write_json, cached_json
 from teacherfit.ui import console, progress_bar, rich_table
 
 JUDGMENT_KEY = ("kind", "item", "turn", "order", "judge")
@@ -72,7 +72,8 @@ def _questions(cfg: EvaluateConfig, sources: dict[str, Path]) -> list[E.Question
     if cfg.mtbench.limit:
         questions = questions[: cfg.mtbench.limit]
     if not questions:
-        raise ValueError("no MT-Bench question left after mtbench.categories / question_ids / limit")
+        raise ConfigError(f"no MT-Bench question of {sources['questions']} is left after mtbench.categories / "
+                          "question_ids / limit; widen them")
     return questions
 
 
@@ -112,7 +113,10 @@ def _generate(teacher: TeacherConfig, records: list[Record], cfg: EvaluateConfig
 
 def judge_id(judge: TeacherConfig, decoding: DecodingConfig) -> str:
     """Judge name plus a digest of what it is (model or endpoint, decoding): a changed judge is a new key."""
-    remote = judge.remote and {"base_url": judge.remote.base_url, "model": judge.remote.model}
+    from teacherfit.remote import redact_url
+
+    # the URL without its secrets: a rotated key or password is the same judge
+    remote = judge.remote and {"base_url": redact_url(judge.remote.base_url), "model": judge.remote.model}
     what = json.dumps([judge.backend, judge.model, judge.revision, remote, decoding.model_dump()], sort_keys=True)
     return f"{judge.name}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
 
@@ -291,35 +295,70 @@ def _mean_ci(values: list[float], n_resamples: int, seed: int) -> dict:
     return {"mean": est, "low": low, "high": high, "n": len(v)}
 
 
-def preflight(cfg: EvaluateConfig) -> None:
-    """Check backends and find (and verify) every local model before any generation."""
+@dataclass
+class Inputs:
+    """Everything ``evaluate`` reads from files, read and checked by ``preflight`` before any model loads."""
+
+    sources: dict[str, Path | None]
+    prompts: dict[str, dict]
+    questions: list[E.Question]
+    pairs: list[tuple[Record, str | None]]
+
+
+def preflight(cfg: EvaluateConfig) -> Inputs:
+    """Every check that needs no weights, before any model loads or generates: the config, every input file
+    (read, and checked against the others) and every model spec (resolved, not loaded)."""
     from teacherfit.models import resolve_model
+    from teacherfit.pipelines.generate import preflight as check_teachers
 
     cfg.student.check_backend()
     cfg.judge.check_backend()
     if cfg.judge.backend == "file":
-        raise ValueError("judge: backend 'file' cannot judge; use transformers, vllm or openai")
+        raise ConfigError("judge: backend 'file' cannot judge; use transformers, vllm or openai")
     if not cfg.mtbench.enabled and not cfg.pairwise.enabled:
-        raise ValueError("nothing to evaluate: mtbench.enabled and pairwise.enabled are both false")
+        raise ConfigError("nothing to evaluate: mtbench.enabled and pairwise.enabled are both false")
     if cfg.pairwise.enabled:
         if cfg.pairwise.reference is None:
-            raise ValueError("pairwise needs pairwise.reference (a response set `{name: ref, backend: file, responses: "
-                             "PATH}` or a model `{name: ref, model: MODEL}`), or pairwise.enabled=false")
+            raise ConfigError("pairwise needs pairwise.reference (a response set `{name: ref, backend: file, responses: "
+                              "PATH}` or a model `{name: ref, model: MODEL}`), or pairwise.enabled=false")
         cfg.pairwise.reference.check_backend()
-    for teacher in (cfg.student, cfg.judge, cfg.pairwise.reference):
-        if teacher is not None and teacher.backend == "transformers":
-            resolve_model(teacher.model, revision=teacher.revision)
+
+    sources = _sources(cfg)
+    prompts = E.load_judge_prompts(sources["judge_prompts"])
+    questions = _questions(cfg, sources) if cfg.mtbench.enabled else []
+    pairs = _pairwise_items(cfg, questions, sources) if cfg.pairwise.enabled else []
+    if cfg.pairwise.enabled and not pairs:
+        raise DataError(f"{cfg.pairwise.instructions}: no instruction to compare on", cfg.pairwise.instructions)
+    E.check_judge_prompts(prompts, sources["judge_prompts"], questions,
+                          [ref for _, ref in pairs] if cfg.pairwise.judged else [])
+    if cfg.heldout is not None and cfg.heldout_loss:
+        load_records(cfg.heldout, require_response=True, on_error=cfg.on_error)
+    # response sets must answer these prompts; local models are found and verified; API keys are set
+    instructions = cfg.pairwise.instructions or sources["questions"]
+    first = [_first_turn(q) for q in questions] + [r for r, _ in pairs]
+    for teacher, records in ((cfg.student, first), (cfg.pairwise.reference if pairs else None, [r for r, _ in pairs]),
+                             (cfg.judge, [])):
+        if teacher is not None:
+            check_teachers(GenerateConfig(instructions=instructions, teachers=[teacher], models=cfg.models,
+                                          on_error=cfg.on_error), records)
+    if cfg.reward is not None and pairs:
+        if cfg.reward.kind == "openai_judge":
+            if cfg.reward.remote is None:
+                raise ConfigError("reward.kind 'openai_judge' needs reward.remote (base_url, model)")
+            cfg.reward.remote.check_key()
+        elif cfg.reward.model is None:
+            raise ConfigError(f"reward.kind {cfg.reward.kind!r} needs reward.model")
+        else:
+            resolve_model(cfg.reward.model)
+    return Inputs(sources, prompts, questions, pairs)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
+    inputs = preflight(cfg)  # before the run directory exists, and before any model
     run_dir = prepare_run_dir(cfg, "evaluate")
-    preflight(cfg)
-    sources = _sources(cfg)
-    prompts = E.load_judge_prompts(sources["judge_prompts"])
+    sources, prompts, questions, pairs = inputs.sources, inputs.prompts, inputs.questions, inputs.pairs
     prompt_source = {"path": str(sources["judge_prompts"]), "sha256": E.file_digest(sources["judge_prompts"])}
     notes: list[str] = []
-    questions = _questions(cfg, sources) if cfg.mtbench.enabled else []
-    pairs = _pairwise_items(cfg, questions, sources) if cfg.pairwise.enabled else []
 
     # 1. student answers: MT-Bench first turns and pairwise instructions in one pass, then second turns
     first = {r.id: r for r in [_first_turn(q) for q in questions] + [r for r, _ in pairs]}
@@ -372,7 +411,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     scores.mkdir(exist_ok=True)
     if cfg.reward is not None and pairs:
         tag = cfg.reward.kind + "-" + (cfg.reward.model or (cfg.reward.remote.model if cfg.reward.remote else "")).replace("/", "_")
-        rw = _cached(scores / f"reward-{tag}.json", lambda: reward_stage(pairs, turn1, reference, cfg))
+        rw = cached_json(scores / f"reward-{tag}.json", lambda: reward_stage(pairs, turn1, reference, cfg))
         outcomes = E.paired_win_outcomes(rw["student"], rw["reference"])
         results["reward_win_rate"] = {**E.win_rate(outcomes, n_resamples=cfg.bootstrap, seed=cfg.seed),
                                       "reward": rw["reward"], "unparsed": rw["unparsed"],
@@ -390,7 +429,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             notes.append(f"held-out loss needs the student's weights in process; backend {cfg.student.backend!r} skipped it")
         else:
             key = hashlib.sha256(f"{cfg.student.model}|{heldout_path}|{cfg.max_length}".encode()).hexdigest()[:10]
-            ho = _cached(scores / f"heldout-{key}.json", lambda: heldout_stage(Path(heldout_path), cfg))
+            ho = cached_json(scores / f"heldout-{key}.json", lambda: heldout_stage(Path(heldout_path), cfg))
             results["heldout_loss"] = {**_mean_ci(ho["loss"], cfg.bootstrap, cfg.seed), "path": ho["path"],
                                        "truncated": ho["truncated"]}
 

@@ -4,10 +4,19 @@ Each finished row is appended (one write + fsync) to ``responses/<teacher>.parti
 exists; a re-run skips rows already there, so a run killed at any instant ends, once restarted, with exactly
 one complete response per (instruction, teacher). The final ``responses/<teacher>.jsonl`` is written
 atomically in instruction order when the teacher is done.
+
+Rows are keyed by (instruction id, settings digest), the digest covering everything that shapes a response
+(backend, model and revision, server, decoding, best-of-N reward, dtype; a file teacher's content). A re-run
+with changed settings for a teacher regenerates that teacher's rows and says what changed; rows made with
+other settings stay in the partial file for the record but never reach the final set.
+
+Every teacher is checked (backend fields, model found, response file read, API key variable set) before the
+first one generates, and the run directory is made only then.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from teacherfit.config import GenerateConfig, TeacherConfig, prepare_run_dir
-from teacherfit.data import Record, load_records, tokenize_prompt
+from teacherfit.data import DataError, LoadReport, Record, load_records, tokenize_prompt
 from teacherfit.generation import DecodingConfig, Generator, TransformersGenerator, VLLMGenerator
-from teacherfit.store import ResumableJsonl, atomic_write_json
+from teacherfit.store import ResumableJsonl, atomic_write_json, sha256_json
 from teacherfit.ui import console, progress_bar
+
+KEY_FIELDS = ("id", "settings")
 
 
 @dataclass
@@ -66,8 +77,9 @@ def _too_long(records: list[Record], generator: Generator, limit: int) -> set[st
 
 
 def _row(record: Record, teacher: TeacherConfig, provenance: dict, decoding: DecodingConfig, completion,
-         candidates: list[dict] | None) -> dict:
+         candidates: list[dict] | None, settings: str) -> dict:
     meta = {
+        "settings": settings,
         "teacher": dict(provenance, name=teacher.name),
         "decoding": decoding.model_dump(),
         "seed": decoding.seed,
@@ -81,32 +93,81 @@ def _row(record: Record, teacher: TeacherConfig, provenance: dict, decoding: Dec
     return record.with_response(completion.text, **meta).to_row()
 
 
+def teacher_settings(teacher: TeacherConfig, cfg: GenerateConfig) -> dict[str, Any]:
+    """Everything that shapes this teacher's responses: what its rows' settings digest covers."""
+    from teacherfit.remote import redact_url
+
+    if teacher.backend == "file":
+        from teacherfit.models import sha256_file
+
+        return {"backend": "file", "responses_sha256": sha256_file(teacher.responses)}
+    decoding = teacher.decoding or cfg.decoding
+    settings: dict[str, Any] = {"backend": teacher.backend, "decoding": decoding.model_dump(),
+                                "max_prompt_tokens": cfg.max_prompt_tokens}
+    if teacher.backend == "openai":
+        settings["remote"] = {"base_url": redact_url(teacher.remote.base_url), "model": teacher.remote.model}
+    else:
+        settings.update(model=teacher.model, revision=teacher.revision, dtype=cfg.models.dtype)
+    if decoding.n > 1 and cfg.best_of_n_reward is not None:
+        settings["best_of_n_reward"] = cfg.best_of_n_reward.model_dump(exclude={"remote"}) | (
+            {"remote": {"base_url": redact_url(cfg.best_of_n_reward.remote.base_url),
+                        "model": cfg.best_of_n_reward.remote.model}} if cfg.best_of_n_reward.remote else {})
+    return settings
+
+
+def _settings_note(teacher: str, store: ResumableJsonl, digest: str, settings: dict, settings_file: Path) -> None:
+    """Say what changed when this teacher's partial file holds rows made with other settings."""
+    from teacherfit.config import config_changes
+
+    stale = sum(1 for key in store.done_keys() if key[1] != digest)
+    if not stale:
+        return
+    changes = ["(unknown: the earlier settings were not recorded)"]
+    if settings_file.exists():
+        previous = json.loads(settings_file.read_text())
+        changes = config_changes(previous, settings) or changes
+    console.print(f"[yellow]note:[/] {teacher}: settings changed since {stale} rows were generated "
+                  f"({'; '.join(changes)}); those rows are kept in the partial file but not reused")
+
+
 def generate_teacher(
-    teacher: TeacherConfig, records: list[Record], cfg: GenerateConfig, run_dir: Path, reward=None
+    teacher: TeacherConfig, records: list[Record], cfg: GenerateConfig, run_dir: Path, reward=None,
+    file_report: LoadReport | None = None,
 ) -> TeacherRun:
     out_dir = run_dir / "responses"
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{teacher.name}.jsonl"
     run = TeacherRun(teacher.name, final)
+    settings = teacher_settings(teacher, cfg)
+    digest = sha256_json(settings)[:16]
+    settings_file = out_dir / f"{teacher.name}.settings.json"
+    store = ResumableJsonl(out_dir / f"{teacher.name}.partial.jsonl", key_fields=KEY_FIELDS)
+    _settings_note(teacher.name, store, digest, settings, settings_file)
+    atomic_write_json(settings_file, settings)
+    done = {key[0] for key in store.done_keys() if key[1] == digest}
+    run.resumed = sum(r.id in done for r in records)
+
+    def finalize() -> None:
+        """The final set: this settings digest's rows only, in instruction order; the partial file is closed."""
+        now = store.done_keys()
+        order = [(r.id, digest) for r in records if (r.id, digest) in now]
+        store.finalize(final, order=order, where=lambda row: row.get("settings") == digest)
+        store.close()
+
     if teacher.backend == "file":
-        report = load_records(teacher.responses, require_response=True, on_error=cfg.on_error)
+        report = file_report or load_records(teacher.responses, require_response=True, on_error=cfg.on_error)
         wanted = {r.id for r in records}
-        store = ResumableJsonl(out_dir / f"{teacher.name}.partial.jsonl")
-        done = store.done_keys()
         for rec in report.records:
-            if rec.id in wanted and (rec.id,) not in done:
+            if rec.id in wanted and rec.id not in done:
                 meta = dict(rec.meta)
                 meta.setdefault("teacher", {"name": teacher.name, "backend": "file", "source": str(teacher.responses)})
+                meta["settings"] = digest
                 store.append(Record(rec.id, rec.messages, rec.source, meta).to_row())
-        store.finalize(final, order=[(r.id,) for r in records if (r.id,) in store.done_keys()])
-        run.resumed = len(done)
+        finalize()
         return run
 
     decoding = teacher.decoding or cfg.decoding
-    store = ResumableJsonl(out_dir / f"{teacher.name}.partial.jsonl")
-    done = store.done_keys()
-    run.resumed = sum((r.id,) in done for r in records)
-    todo = [r for r in records if (r.id,) not in done]
+    todo = [r for r in records if r.id not in done]
     if todo:
         generator = make_generator(teacher, cfg)
         too_long = _too_long(todo, generator, cfg.max_prompt_tokens)
@@ -131,34 +192,67 @@ def generate_teacher(
                     scores = reward.score([record.with_response(c.text) for c in completions])
                     candidates = [{"text": c.text, "reward": s} for c, s in zip(completions, scores)]
                     best = completions[max(range(len(scores)), key=lambda k: -math.inf if math.isnan(scores[k]) else scores[k])]
-                store.append(_row(record, teacher, provenance, decoding, best, candidates))
+                store.append(_row(record, teacher, provenance, decoding, best, candidates, digest))
                 run.generated += 1
                 run.completion_tokens += sum(c.completion_tokens for c in completions)
                 advance(1, sum(c.completion_tokens for c in completions))
         run.seconds = time.perf_counter() - start
         del generator
-    order = [(r.id,) for r in records if (r.id,) in store.done_keys()]
-    store.finalize(final, order=order)
+    finalize()
     return run
 
 
-def run_generate(cfg: GenerateConfig) -> GenerateResult:
-    run_dir = prepare_run_dir(cfg, "generate")
-    report = load_records(cfg.instructions, format=cfg.format, on_error=cfg.on_error, limit=cfg.limit)
-    console.print(report.summary())
-    for teacher in cfg.teachers:
-        teacher.check_backend()
+def preflight(cfg: GenerateConfig, records: list[Record]) -> dict[str, LoadReport]:
+    """Check every teacher before the first generates, so teacher 2's typo fails in seconds, not hours.
+
+    Returns the file teachers' response sets, read once here.
+    """
+    from teacherfit.models import resolve_model
+
     names = [t.name for t in cfg.teachers]
     if len(set(names)) != len(names):
-        raise ValueError(f"teacher names must be unique: {names}")
+        raise ValueError(f"teachers: names must be unique, got {names}")
+    if any((t.decoding or cfg.decoding).n > 1 for t in cfg.teachers) and cfg.best_of_n_reward is None:
+        raise ValueError("decoding.n > 1 (best-of-N) needs best_of_n_reward")
+    files: dict[str, LoadReport] = {}
+    wanted = {r.id for r in records}
+    for teacher in cfg.teachers:
+        teacher.check_backend()
+        if teacher.backend == "file":
+            report = load_records(teacher.responses, require_response=True, on_error=cfg.on_error)
+            covered = sum(r.id in wanted for r in report.records)
+            if covered == 0:
+                raise DataError(f"{teacher.responses}: teacher {teacher.name!r} answers none of the {len(wanted)} "
+                                f"instructions of {cfg.instructions} (response sets join on the prompt text)",
+                                teacher.responses)
+            if covered < len(wanted):
+                console.print(f"[yellow]note:[/] {teacher.name}: {teacher.responses} answers {covered} of "
+                              f"{len(wanted)} instructions; the others are missing from its set")
+            files[teacher.name] = report
+        elif teacher.backend == "openai":
+            teacher.remote.check_key()
+        elif teacher.backend == "transformers":
+            resolve_model(teacher.model, revision=teacher.revision)
+    reward = cfg.best_of_n_reward
+    if reward is not None and any((t.decoding or cfg.decoding).n > 1 for t in cfg.teachers):
+        if reward.kind == "openai_judge":
+            reward.remote.check_key()
+        elif reward.model:
+            resolve_model(reward.model)
+    return files
+
+
+def run_generate(cfg: GenerateConfig) -> GenerateResult:
+    report = load_records(cfg.instructions, format=cfg.format, on_error=cfg.on_error, limit=cfg.limit)
+    console.print(report.summary())
+    files = preflight(cfg, report.records)
+    run_dir = prepare_run_dir(cfg, "generate")
     reward = None
     if any((t.decoding or cfg.decoding).n > 1 for t in cfg.teachers):
-        if cfg.best_of_n_reward is None:
-            raise ValueError("decoding.n > 1 (best-of-N) needs best_of_n_reward")
         from teacherfit.rewards import make_reward
 
         reward = make_reward(cfg.best_of_n_reward, cfg.models)
-    runs = [generate_teacher(t, report.records, cfg, run_dir, reward) for t in cfg.teachers]
+    runs = [generate_teacher(t, report.records, cfg, run_dir, reward, files.get(t.name)) for t in cfg.teachers]
     summary = {
         "instructions": report.to_dict(),
         "teachers": [

@@ -7,8 +7,11 @@ The sequence, one model in memory at a time:
 4. the reward source: r per response;
 5. per-sample table, per-teacher aggregates with bootstrap intervals, CAR, report.
 
-Every stage's scores are cached in ``scores/`` of the run directory, so a re-run after a crash (or with a
-different beta) skips finished stages.
+Every stage keeps its scores per row in ``scores/<stage>-<digest>.jsonl`` (``store.ResumableJsonl``), keyed
+by (teacher, instruction id, digest of the conversation); the digest in the file name covers what the
+scores depend on (the model's sha256 or commit, max_length, dtype, the judge prompt version). So a re-run
+(or one with another beta) loads no model, an added teacher or an edited response is the only thing
+scored, and a run killed mid-stage resumes at the chunk of rows it was on.
 """
 
 from __future__ import annotations
@@ -16,19 +19,25 @@ from __future__ import annotations
 import gc
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from teacherfit import metrics
-from teacherfit.config import RankConfig, ResponseSetConfig, prepare_run_dir
-from teacherfit.data import LoadReport, Record, chat_template_for, load_records, tokenize_example, tokenize_text
-from teacherfit.store import atomic_write_bytes, atomic_write_json
+from teacherfit.config import RankConfig, ResponseSetConfig, config_digest, prepare_run_dir
+from teacherfit.data import (LoadReport, Record, chat_template_for, load_records, tokenize_example,
+                             tokenize_response_alone)
+from teacherfit.store import ResumableJsonl, atomic_write_bytes, atomic_write_json, sha256_json
 from teacherfit.ui import console, progress_bar, rich_table
 
 AGG_METRICS = ["reward", "loss_student", "length", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+# Bump when the way a stage scores a row changes, so that older scores are not reused.
+# v2: IFD's unconditional pass scores exactly the conditional pass's response tokens.
+SCORES_VERSION = "rank-scores-v2"
+KEY_FIELDS = ("teacher", "id", "content")
+ROWS_PER_CHUNK = 64  # rows scored between two appends to a stage's file: the most a killed run loses
 
 
 @dataclass
@@ -38,6 +47,7 @@ class RankResult:
     samples: list[dict[str, Any]]  # one row per (teacher, instruction)
     car_variant: str
     notes: list[str]
+    plan: list[dict[str, Any]] = field(default_factory=list)  # per stage: model, rows, cached, to score
 
 
 def response_sets(cfg: RankConfig) -> list[ResponseSetConfig]:
@@ -78,16 +88,78 @@ def load_sets(cfg: RankConfig) -> tuple[dict[str, list[Record]], dict[str, LoadR
     return by_set, reports, common
 
 
-def _cached(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    atomic_write_json(path, value)
-    return value
+def _digest(obj: Any) -> str:
+    return sha256_json(obj)[:16]
 
 
-def likelihood_stage(model_spec: str, sets: dict[str, list[Record]], cfg: RankConfig, label: str) -> dict:
-    """Per teacher, per sample: loss of the response with and without its instruction under one model."""
+def row_key(teacher: str, rec: Record) -> tuple[str, str, str]:
+    """What a cached score belongs to: the teacher, the instruction and the whole conversation (so an edited
+    response is scored again, and a score never moves to another row when files change)."""
+    return teacher, rec.id, _digest(rec.messages)
+
+
+@dataclass
+class Stage:
+    """One scoring stage; ``spec`` is everything its scores depend on, and its digest names the scores file."""
+
+    name: str  # "student" | "ref" | "reward"
+    label: str
+    model: str | None  # the model to load (None: a remote judge)
+    spec: dict[str, Any]
+
+    def path(self, scores: Path) -> Path:
+        return scores / f"{self.name}-{_digest(self.spec)}.jsonl"
+
+    def pin(self, provenance: dict[str, Any]) -> None:
+        """Take the commit a hub model actually loaded at (known only after loading) into the spec."""
+        model = self.spec.get("model")
+        if isinstance(model, dict) and "revision" in model and provenance.get("revision"):
+            model["revision"] = provenance["revision"]
+
+
+def preflight(cfg: RankConfig) -> list[Stage]:
+    """Find (and verify) every model before reading the data or scoring, so a typo fails in seconds, not after
+    a stage. Nothing is loaded and no GGUF is converted; returns the stages and what their scores depend on."""
+    from teacherfit.models import pick_device, pick_dtype, resolve_model
+    from teacherfit.rewards import JUDGE_PROMPT_VERSION
+
+    reward = cfg.reward
+    if reward.kind == "openai_judge" and reward.remote is None:
+        raise ValueError("reward.kind 'openai_judge' needs reward.remote (base_url, model)")
+    if reward.kind != "openai_judge" and not reward.model:
+        raise ValueError(f"reward.kind {reward.kind!r} needs reward.model")
+    dtype = str(pick_dtype(cfg.models.dtype, pick_device(cfg.models.device))).removeprefix("torch.")
+
+    def likelihood(spec: str) -> dict[str, Any]:
+        return {"version": SCORES_VERSION, "model": resolve_model(spec, convert=False).provenance,
+                "max_length": cfg.max_length, "dtype": dtype}
+
+    stages = [Stage("student", "student", cfg.student, likelihood(cfg.student))]
+    if cfg.reference_lm:
+        stages.append(Stage("ref", "reference LM", cfg.reference_lm, likelihood(cfg.reference_lm)))
+    spec: dict[str, Any] = {"version": SCORES_VERSION, "kind": reward.kind}
+    if reward.kind == "openai_judge":
+        from teacherfit.remote import redact_url
+
+        spec.update(base_url=redact_url(reward.remote.base_url), model=reward.remote.model, prompt=JUDGE_PROMPT_VERSION)
+    else:
+        spec.update(model=resolve_model(reward.model, convert=False).provenance, max_length=reward.max_length,
+                    dtype=dtype)
+        if reward.kind == "judge":
+            spec["prompt"] = JUDGE_PROMPT_VERSION
+    stages.append(Stage("reward", "reward", reward.model if reward.kind != "openai_judge" else None, spec))
+    return stages
+
+
+Scorer = Callable[[list[Record], Callable[..., None]], list[dict[str, Any]]]
+
+
+def likelihood_scorer(model_spec: str, cfg: RankConfig) -> tuple[dict, Scorer, Any]:
+    """Loss of each response with its instruction (CAR's L, PPL) and without it (IFD) under one model.
+
+    Both passes score the same tokens: the unconditional pass is the conditional pass's labelled ids after
+    one start token, so IFD compares like with like for every template and tokenizer.
+    """
     from teacherfit.models import load_model
     from teacherfit.scoring import score_examples
 
@@ -96,37 +168,71 @@ def likelihood_stage(model_spec: str, sets: dict[str, list[Record]], cfg: RankCo
     tok = loaded.tokenizer
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length
     max_length = min(cfg.max_length, context)
-    plain = chat_template_for(tok)[1]
-    out: dict[str, Any] = {"model": loaded.provenance, "plain_template": plain, "max_length": max_length, "sets": {}}
-    total = sum(len(v) for v in sets.values()) * 2
-    with progress_bar(f"likelihood under {label}", total) as advance:
-        for name, records in sets.items():
-            cond = [tokenize_example(tok, r.messages, max_length=max_length) for r in records]
-            uncond = [tokenize_text(tok, r.response or "", max_length=max_length) for r in records]
-            kw = dict(pad_token_id=tok.pad_token_id, max_tokens=cfg.max_tokens, on_batch=advance)
-            sc = score_examples(loaded.model, cond, **kw)
-            su = score_examples(loaded.model, uncond, **kw)
-            out["sets"][name] = [
-                {"loss": c.loss, "loss_uncond": u.loss, "n_tokens": c.n_tokens, "truncated": ex.truncated}
-                for c, u, ex in zip(sc, su, cond)
-            ]
-    del loaded
-    gc.collect()
-    return out
+    meta = {"model": loaded.provenance, "plain_template": chat_template_for(tok)[1], "max_length": max_length}
+
+    def score(records: list[Record], advance) -> list[dict[str, Any]]:
+        cond = [tokenize_example(tok, r.messages, max_length=max_length) for r in records]
+        uncond = [tokenize_response_alone(tok, ex) for ex in cond]
+        kw = dict(pad_token_id=tok.pad_token_id, max_tokens=cfg.max_tokens, on_batch=advance)
+        sc, su = score_examples(loaded.model, cond, **kw), score_examples(loaded.model, uncond, **kw)
+        return [{"loss": c.loss, "loss_uncond": u.loss, "n_tokens": c.n_tokens, "truncated": ex.truncated}
+                for c, u, ex in zip(sc, su, cond)]
+
+    return meta, score, loaded
 
 
-def reward_stage(sets: dict[str, list[Record]], cfg: RankConfig) -> dict:
+def reward_scorer(cfg: RankConfig) -> tuple[dict, Scorer, Any]:
     from teacherfit.rewards import make_reward
 
     reward = make_reward(cfg.reward, cfg.models)
-    out: dict[str, Any] = {"reward": reward.provenance(), "sets": {}}
-    with progress_bar("reward", sum(len(v) for v in sets.values())) as advance:
-        for name, records in sets.items():
-            out["sets"][name] = reward.score(records, on_batch=advance)
-    out["unparsed"] = getattr(reward, "unparsed", 0)
-    del reward
-    gc.collect()
-    return out
+
+    def score(records: list[Record], advance) -> list[dict[str, Any]]:
+        return [{"reward": float(v)} for v in reward.score(records, on_batch=advance)]
+
+    return {"reward": reward.provenance()}, score, reward
+
+
+def _cached_keys(path: Path) -> set[tuple]:
+    """Keys of the rows a scores file holds, read without opening it for writing (for a dry run)."""
+    keys = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                keys.add(tuple(row[f] for f in KEY_FIELDS))
+            except (ValueError, KeyError, TypeError):  # a torn last line: repaired when the stage opens the file
+                continue
+    return keys
+
+
+def run_stage(stage: Stage, sets: dict[str, list[Record]], cfg: RankConfig, scores: Path) -> tuple[dict, dict]:
+    """Every row's scores for one stage: rows on disk are reused; the rest are scored ``ROWS_PER_CHUNK`` at a
+    time, each chunk appended (fsynced) as it finishes. Returns (stage meta, {(teacher, id): row})."""
+    rows = [(name, rec, row_key(name, rec)) for name, records in sets.items() for rec in records]
+    store = ResumableJsonl(stage.path(scores), KEY_FIELDS)
+    try:
+        todo = [r for r in rows if r[2] not in store.done_keys()]
+        if todo or not store.path.with_suffix(".meta.json").exists():
+            meta, score, held = likelihood_scorer(stage.model, cfg) if stage.name != "reward" else reward_scorer(cfg)
+            stage.pin(meta.get("model") or meta["reward"])
+            if stage.path(scores) != store.path:  # the hub commit loaded is not the one the cache held
+                store.close()
+                store = ResumableJsonl(stage.path(scores), KEY_FIELDS)
+                todo = [r for r in rows if r[2] not in store.done_keys()]
+            atomic_write_json(store.path.with_suffix(".meta.json"), meta)
+            passes = 2 if stage.name != "reward" else 1
+            with progress_bar(f"{stage.label}: {len(todo)} rows to score", passes * len(todo)) as advance:
+                for at in range(0, len(todo), ROWS_PER_CHUNK):
+                    chunk = todo[at : at + ROWS_PER_CHUNK]
+                    for (name, rec, key), values in zip(chunk, score([rec for _, rec, _ in chunk], advance)):
+                        store.append({"teacher": name, "id": rec.id, "content": key[2], **values})
+            del held, score
+            gc.collect()
+        done = {store.key_of(row): row for row in store.rows()}
+    finally:
+        store.close()
+    meta = json.loads(store.path.with_suffix(".meta.json").read_text())
+    return meta, {(name, rec.id): done[key] for name, rec, key in rows}
 
 
 def _finite(values) -> np.ndarray:
@@ -173,15 +279,16 @@ def aggregate(samples: list[dict], names: list[str], cfg: RankConfig) -> tuple[l
     return rows, variant
 
 
-def build_samples(sets, common, student, ref, rewards) -> list[dict]:
+def build_samples(sets: dict[str, list[Record]], student: dict, ref: dict | None, rewards: dict) -> list[dict]:
+    """One row per (teacher, instruction) from the stages' rows, which are keyed by (teacher, id)."""
     samples = []
     for name, records in sets.items():
-        for k, rec in enumerate(records):
-            st = student["sets"][name][k]
+        for rec in records:
+            st = student[name, rec.id]
             s = {
                 "teacher": name,
                 "id": rec.id,
-                "reward": float(rewards["sets"][name][k]),
+                "reward": float(rewards[name, rec.id]["reward"]),
                 "loss_student": st["loss"],
                 "loss_student_uncond": st["loss_uncond"],
                 "ppl_student": float(metrics.perplexity(st["loss"])),
@@ -191,7 +298,7 @@ def build_samples(sets, common, student, ref, rewards) -> list[dict]:
                 "empty": not (rec.response or "").strip(),
             }
             if ref is not None:
-                rf = ref["sets"][name][k]
+                rf = ref[name, rec.id]
                 s.update(loss_ref=rf["loss"], loss_ref_uncond=rf["loss_uncond"],
                          ppl_ref=float(metrics.perplexity(rf["loss"])),
                          ifd_ref=float(metrics.ifd(rf["loss"], rf["loss_uncond"])))
@@ -226,44 +333,50 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def preflight(cfg: RankConfig) -> None:
-    """Find (and verify) every model before any scoring, so a typo fails in seconds, not after a stage."""
-    from teacherfit.models import resolve_model
+def plan_rank(cfg: RankConfig, stages: list[Stage], sets: dict[str, list[Record]], notes: list[str]) -> RankResult:
+    """What a run would score, per stage, counting the rows a previous run in the same directory already scored."""
+    run_dir = Path(cfg.out or Path("runs") / f"rank-{config_digest(cfg)}").resolve()
+    rows = [row_key(name, rec) for name, records in sets.items() for rec in records]
+    plan = []
+    for stage in stages:
+        cached = _cached_keys(stage.path(run_dir / "scores"))
+        plan.append({"stage": stage.label, "model": stage.model or stage.spec.get("model"), "rows": len(rows),
+                     "cached": sum(k in cached for k in rows), "to score": sum(k not in cached for k in rows)})
+    console.print(f"rank --dry-run (nothing loaded): {len(sets)} teachers x {len(rows) // len(sets)} instructions, "
+                  f"run directory {run_dir}")
+    for p in plan:
+        console.print(f"  {p['stage']} ({p['model']}): {p['rows']} rows, {p['cached']} cached, "
+                      f"{p['to score']} to score")
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    return RankResult(run_dir, [], [], "", notes, plan)
 
-    for spec in (cfg.student, cfg.reference_lm, cfg.reward.model if cfg.reward.kind != "openai_judge" else None):
-        if spec:
-            resolve_model(spec)
-    if cfg.reward.kind == "openai_judge" and cfg.reward.remote is None:
-        raise ValueError("reward.kind 'openai_judge' needs reward.remote (base_url, model)")
 
-
-def run_rank(cfg: RankConfig) -> RankResult:
-    run_dir = prepare_run_dir(cfg, "rank")
+def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
+    """Rank the teachers; ``dry_run`` runs every check that needs no weights, prints the plan and returns."""
+    stages = preflight(cfg)
     sets, reports, common = load_sets(cfg)
-    preflight(cfg)
     names = list(sets)
     notes = []
     for name, rep in reports.items():
         missing = len(rep.records) - len(common)
         if missing > 0:
             notes.append(f"{name}: {missing} responses to instructions not answered by every teacher were left out")
+    if dry_run:
+        return plan_rank(cfg, stages, sets, notes)
+    run_dir = prepare_run_dir(cfg, "rank")
     scores = run_dir / "scores"
     scores.mkdir(exist_ok=True)
-    tag = lambda spec: spec.replace("/", "_")  # noqa: E731
-    student = _cached(scores / f"student-{tag(cfg.student)}-{cfg.max_length}.json",
-                      lambda: likelihood_stage(cfg.student, sets, cfg, "student"))
-    if student["plain_template"]:
+    results_of = {stage.name: run_stage(stage, sets, cfg, scores) for stage in stages}
+    student_meta, student = results_of["student"]
+    if student_meta["plain_template"]:
         notes.append(f"the student {cfg.student} has no chat template: the documented plain template was used")
-    ref = None
-    if cfg.reference_lm:
-        ref = _cached(scores / f"ref-{tag(cfg.reference_lm)}-{cfg.max_length}.json",
-                      lambda: likelihood_stage(cfg.reference_lm, sets, cfg, "reference LM"))
-    reward_key = cfg.reward.kind + "-" + tag(cfg.reward.model or (cfg.reward.remote.model if cfg.reward.remote else ""))
-    rewards = _cached(scores / f"reward-{reward_key}.json", lambda: reward_stage(sets, cfg))
-    if rewards.get("unparsed"):
-        notes.append(f"{rewards['unparsed']} judge answers could not be parsed (scored NaN, left out of means)")
-
-    samples = build_samples(sets, common, student, ref, rewards)
+    ref_meta, ref = results_of.get("ref", (None, None))
+    reward_meta, rewards = results_of["reward"]
+    samples = build_samples(sets, student, ref, rewards)
+    unscored = sum(not math.isfinite(s["reward"]) for s in samples)
+    if unscored:
+        notes.append(f"{unscored} rewards are NaN (judge answers that could not be parsed) and are left out of means")
     per_sample_car(samples, cfg.beta)
     teachers, variant = aggregate(samples, names, cfg)
     notes.append(f"CAR variant: {variant} (beta = {cfg.beta})" + (
@@ -271,7 +384,7 @@ def run_rank(cfg: RankConfig) -> RankResult:
         if variant == "sign_safe" else ""))
     truncated = sum(bool(s["truncated"]) for s in samples)
     if truncated:
-        notes.append(f"{truncated} examples were longer than max_length={student['max_length']} tokens "
+        notes.append(f"{truncated} examples were longer than max_length={student_meta['max_length']} tokens "
                      "and were scored on their first max_length tokens")
     teachers.sort(key=lambda r: -r["car"] if math.isfinite(r["car"]) else math.inf)
 
@@ -279,9 +392,9 @@ def run_rank(cfg: RankConfig) -> RankResult:
         "beta": cfg.beta,
         "car_variant": variant,
         "n_instructions": len(common),
-        "student": student["model"],
-        "reference_lm": ref["model"] if ref else None,
-        "reward": rewards["reward"],
+        "student": student_meta["model"],
+        "reference_lm": ref_meta["model"] if ref_meta else None,
+        "reward": reward_meta["reward"],
         "response_sets": {s.name: str(Path(s.path).resolve()) for s in response_sets(cfg)},
         "load_reports": {n: rep.to_dict() for n, rep in reports.items()},
         "notes": notes,

@@ -180,6 +180,25 @@ def preflight(cfg: StudyConfig) -> None:
         t.check_backend()
     if BASELINE in names and cfg.baseline:
         raise ValueError(f"a teacher may not be called {BASELINE!r} (the untuned student's evaluation) with baseline on")
+    # every model and file found (no weights loaded) and every key variable set, before an hour of generation
+    from teacherfit.models import resolve_model
+
+    specs = [cfg.student, cfg.rank.reference_lm]
+    specs += [t.model for t in cfg.teachers if t.backend == "transformers"]
+    specs += [cfg.rank.reward.model] if cfg.rank.reward.kind != "openai_judge" else []
+    ev = cfg.evaluate
+    judged = ev.mtbench.enabled or (ev.pairwise.enabled and ev.pairwise.judged)
+    specs += [ev.judge.model] if judged and ev.judge.backend == "transformers" else []
+    specs += [ev.reward.model] if ev.reward is not None and ev.reward.kind != "openai_judge" else []
+    for spec in dict.fromkeys(s for s in specs if s):
+        resolve_model(spec)
+    for t in cfg.teachers + ([ev.judge] if judged else []):
+        if t.backend == "file":
+            load_records(t.responses, require_response=True, on_error=cfg.generate.on_error)
+        elif t.backend == "openai":
+            t.remote.check_key()
+    if cfg.rank.reward.remote is not None:
+        cfg.rank.reward.remote.check_key()
 
 
 # -------------------------------------------------------------------------------------------- analysis
@@ -270,8 +289,8 @@ def table4_comparison(correlations: list[dict]) -> list[dict]:
 
 
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
-    run_dir = prepare_run_dir(cfg, "study")
     preflight(cfg)
+    run_dir = prepare_run_dir(cfg, "study")
     clock = time.perf_counter()
     timings: dict[str, dict] = {}
     notes: list[str] = []
