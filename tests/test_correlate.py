@@ -135,3 +135,13 @@ def test_cli_reports_a_folder_that_is_not_a_rank_run(tmp_path):
     outcomes.write_text(json.dumps(OUTCOMES))
     assert "is not a finished `teacherfit rank` run (no teachers.json" in cli_error(
         "--rank-run", tmp_path, "--outcomes", outcomes, "--out", tmp_path / "corr")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000),
+    ("deep.yaml", "a: " + "[" * 100_000 + "]" * 100_000 + "\n"),
+])
+def test_an_outcomes_file_nested_too_deeply_is_one_line(rank_run, tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    assert "nested too deeply" in cli_error("--rank-run", rank_run, "--outcomes", path, "--out", tmp_path / "corr")

@@ -307,6 +307,25 @@ def test_epochs_see_every_example_exactly_epochs_times(n, batch, accum, world, e
     assert len(seen) == epochs * n and all(seen.count(i) == epochs for i in range(n))
 
 
+@pytest.mark.parametrize("n,batch,accum,world", [(2, 2, 1, 2), (5, 2, 1, 4), (3, 1, 1, 4)])
+def test_too_few_micro_batches_for_the_processes_is_refused_not_a_hang(n, batch, accum, world):
+    """A process with no micro-batch in a step would wait forever in DDP's gradient sync."""
+    with pytest.raises(ValueError, match=f"too few for {world} processes"):
+        Schedule(n, TrainOptions(batch_size=batch, grad_accum=accum), world, 0)
+
+
+def test_several_processes_drop_only_an_epochs_last_micro_batches_that_cannot_be_shared():
+    """2 processes x grad_accum 2 = 4 micro-batches a step. 7 micro-batches: the last step's 3 are shared
+    (2 + 1), all seen. 5: the 5th alone would leave a process idle, so it is left out of the epoch."""
+    opts = TrainOptions(batch_size=1, grad_accum=2, epochs=1)
+    for n, expected in ((7, 7), (5, 4)):
+        ranks = [Schedule(n, opts, 2, r) for r in range(2)]
+        steps = range(ranks[0].total_steps)
+        seen = [i for step in steps for s in ranks for m in s.step(step) for i in m]
+        assert all(s.step(step) for step in steps for s in ranks)
+        assert len(seen) == expected and len(set(seen)) == expected
+
+
 def test_dry_run_checks_everything_and_loads_nothing(ws, tmp_path, monkeypatch):
     import teacherfit.pipelines.distill as pipeline
 

@@ -55,6 +55,16 @@ def test_corrupt_line_before_the_last_raises(tmp_path):
     assert path.read_text() == '{"id": "a"}\nnot json\n{"id": "b"}\n'  # nothing cut
 
 
+def test_a_whole_row_without_its_key_is_never_cut(tmp_path):
+    """Only a line that is not JSON can be a torn write; a complete row of another layout (an older version's
+    file) is refused with its line, even as the only or last line, instead of being dropped silently."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "a", "text": "kept"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: row has no key field\(s\) \['settings'\]"):
+        ResumableJsonl(path, key_fields=("id", "settings"))
+    assert path.read_text() == '{"id": "a", "text": "kept"}\n'
+
+
 def test_duplicate_key_is_refused(tmp_path):
     path = tmp_path / "rows.jsonl"
     with ResumableJsonl(path) as store:

@@ -262,6 +262,27 @@ def test_changed_decoding_regenerates_instead_of_mixing(instructions, model_dir,
     assert resolved["decoding"]["max_new_tokens"] == 5  # the config describes what the final set holds
 
 
+def test_rows_from_before_settings_digests_are_not_reused(instructions, model_dir, tmp_path, capsys):
+    """A partial file written by an earlier version (rows keyed by id only) resumes: its rows are kept, marked,
+    and regenerated, because nothing says which settings made them."""
+    from teacherfit.config import finish_runs
+    from teacherfit.data import load_records as read
+
+    out = tmp_path / "old"
+    (out / "responses").mkdir(parents=True)
+    old_rows = [dict(r.with_response("from an old run").to_row(), teacher={"name": "t"})
+                for r in read(instructions).records]
+    (out / "responses" / "t.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    run = _generate(instructions, model_dir, out)
+    finish_runs()
+    assert (run.teachers[0].generated, run.teachers[0].resumed) == (3, 0)
+    assert "settings changed since 3 rows were generated" in " ".join(capsys.readouterr().err.split())
+    final = read(out / "responses" / "t.jsonl").records
+    assert len(final) == 3 and all(r.response != "from an old run" for r in final)
+    kept = [json.loads(line) for line in (out / "responses" / "t.partial.jsonl").read_text().splitlines()]
+    assert [r["settings"] for r in kept[:3]] == ["unknown"] * 3 and len(kept) == 6
+
+
 def test_a_second_process_on_the_same_out_is_refused(instructions, model_dir, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
@@ -295,3 +316,22 @@ def test_a_run_that_fails_after_it_started_is_marked_failed(instructions, tmp_pa
     with fake_server(lambda state, n, body, headers: (200, completion_body())) as (base_url, _):
         result = runner.invoke(app, ["generate", "--config", str(_remote_config(tmp_path, instructions, base_url))])
     assert result.exit_code == 0 and not (tmp_path / "run" / "failed.json").exists()  # the retry succeeded
+
+
+def test_a_bad_base_url_with_a_password_is_not_echoed(instructions):
+    teacher = {"name": "a", "backend": "openai", "remote": {"base_url": "ftp://bob:pa55word-xyz@h/v1", "model": "m"}}
+    with pytest.raises(ConfigError) as err:
+        load_config(GenerateConfig, None, instructions=str(instructions), teachers=[teacher])
+    assert "not an http" in str(err.value) and "pa55word-xyz" not in str(err.value)
+
+
+def test_replaced_weights_at_the_same_path_are_new_settings(instructions, tokenizer, tmp_path):
+    from teacherfit.config import finish_runs
+
+    path = save_tiny(tiny_llama(tokenizer, seed=31), tokenizer, tmp_path / "m")
+    first = _generate(instructions, path, tmp_path / "gen")
+    finish_runs()
+    save_tiny(tiny_llama(tokenizer, seed=32, layers=1), tokenizer, path)  # new weights, same folder
+    second = _generate(instructions, path, tmp_path / "gen")
+    finish_runs()
+    assert first.teachers[0].generated == 3 and (second.teachers[0].generated, second.teachers[0].resumed) == (3, 0)

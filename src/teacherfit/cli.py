@@ -59,18 +59,26 @@ def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
     except (ConfigError, DataError, ModelError, RemoteError, FileNotFoundError, ValueError, TrainingDiverged) as err:
         message = _one_line(err)
         finish_runs(error=message)
-        console.print(f"error: {message}", soft_wrap=True, highlight=False, markup=False)
-        raise typer.Exit(2) from None
+        _fail(message)
+    except RecursionError:  # json and yaml recurse per nesting level: an input nested thousands deep
+        message = "an input file is nested too deeply to be read (a JSON or YAML file with thousands of levels)"
+        finish_runs(error=message)
+        _fail(message)
     except OSError as err:  # a full disk, a permission, a path that is a file: the user's to fix
         message = f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}"
         finish_runs(error=message)
-        console.print(f"error: {message}", soft_wrap=True, highlight=False, markup=False)
-        raise typer.Exit(2) from None
+        _fail(message)
     except BaseException:
         finish_runs(error="interrupted or crashed; see the traceback")
         raise
     finish_runs()
     return result
+
+
+def _fail(message: str) -> None:
+    """The one line a user gets for an error they can fix, and exit code 2."""
+    console.print(f"error: {message}", soft_wrap=True, highlight=False, markup=False)
+    raise typer.Exit(2) from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -285,8 +293,7 @@ def inspect_data(
     try:
         report = load_records(path, on_error=on_error.value, allow_empty=True)
     except DataError as err:
-        console.print(f"error: {_one_line(err)}", soft_wrap=True, highlight=False, markup=False)
-        raise typer.Exit(2) from None
+        _fail(_one_line(err))
     console.print(report.summary())
     for location, reason in report.malformed[:20]:
         console.print(f"  malformed {location}: {reason}")

@@ -551,7 +551,12 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        shown = e.get("input")
+        if isinstance(shown, str) and "url" in str(e["loc"][-1] if e["loc"] else ""):
+            from teacherfit.remote import redact_url
+
+            shown = redact_url(shown)  # a URL may carry a password or a key: never echo it
+        got = f" (got {shown!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         hint = ""
         if e["type"] == "extra_forbidden" and cls is not None:
             got = ""
@@ -559,7 +564,7 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
             hint = f"; did you mean `{close[0]}`?" if close else ""
         lines.append(f"  field `{field}`: {e['msg']}{got}{hint}")
     if len(lines) == 2:  # one problem: one line
-        return lines[0][:-1] + lines[1][1:]
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -663,8 +668,6 @@ def prepare_run_dir(cfg: BaseModel, command: str, runs_root: Path = Path("runs")
     """
     out = getattr(cfg, "out", None) or runs_root / f"{command}-{config_digest(cfg)}"
     out = Path(out).resolve()
-    if out in _RUNS:
-        return out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; give a directory (a new one, or a run directory to resume)")
     created = not out.exists()
@@ -676,7 +679,8 @@ def prepare_run_dir(cfg: BaseModel, command: str, runs_root: Path = Path("runs")
         # one run, several processes (torchrun / accelerate launch): the main process holds the lock and
         # writes the config; the others write only what the training loop gives each of them
         return out
-    _RUNS[out] = (_take_lock(out), created)
+    if out not in _RUNS:  # this process may run several commands on one directory (the Python API): one lock
+        _RUNS[out] = (_take_lock(out), created)
     resolved = _redact_urls(json.loads(cfg.model_dump_json(by_alias=True)))
     previous = out / "config.resolved.yaml"
     if previous.exists():

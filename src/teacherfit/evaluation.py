@@ -81,6 +81,8 @@ def _jsonl(path: Path) -> list[tuple[int, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})", path, line=number) from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply to be a row", path, line=number) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: a row must be a JSON object", path, line=number)
             rows.append((number, row))

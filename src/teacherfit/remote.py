@@ -110,6 +110,10 @@ class RemoteConfig(BaseModel):
             raise ValueError(f"{redact_url(v)!r} is not an http(s) URL with a host; e.g. http://127.0.0.1:8000/v1")
         return v
 
+    def identity(self) -> dict[str, str]:
+        """What this endpoint is, safe to write, log or hash into an id: the masked URL and the model name."""
+        return {"base_url": redact_url(self.base_url), "model": self.model}
+
     def key_env(self) -> str | None:
         """The variable the key is read from: the one the config names, or OPENAI_API_KEY for OpenAI's API."""
         if self.api_key_env:

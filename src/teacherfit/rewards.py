@@ -235,9 +235,7 @@ class OpenAIJudgeReward:
         self._lock = threading.Lock()  # `unparsed` is counted from the worker threads
 
     def provenance(self) -> dict[str, Any]:
-        from teacherfit.remote import redact_url
-
-        return {"reward": "openai_judge", "base_url": redact_url(self.cfg.base_url), "model": self.cfg.model,
+        return {"reward": "openai_judge", **self.cfg.identity(),
                 "prompt": JUDGE_PROMPT_VERSION}
 
     def _one(self, record: Record) -> float:

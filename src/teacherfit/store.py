@@ -115,7 +115,6 @@ class ResumableJsonl:
                 row = json.loads(raw.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
-                key = self.key_of(row)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if number == len(complete):
                     # An unparsable last line can only be the remains of an interrupted write (an
@@ -123,6 +122,11 @@ class ResumableJsonl:
                     good_len -= len(raw) + 1
                     break
                 raise ValueError(f"{self.path}:{number}: corrupt row in resumable file ({exc})") from exc
+            try:  # a whole row without its key fields is not a torn write: never cut it
+                key = self.key_of(row)
+            except ValueError as exc:
+                raise ValueError(f"{self.path}:{number}: {exc}: written by another version or another "
+                                 "command; move the file away to start this part over") from None
             self._done.add(key)
         if good_len < len(data):
             self.repaired_bytes = len(data) - good_len

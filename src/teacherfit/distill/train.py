@@ -139,9 +139,10 @@ class Schedule:
         short = micro % self.per_step
         if 0 < short < world:  # a process with no micro-batch in a step would leave DDP's gradient sync waiting
             micro -= short
-        if 0 < micro < world:
-            raise ValueError(f"{n_examples} training examples at batch_size={opts.batch_size} make {micro} micro-batches, "
-                             f"fewer than the {world} processes: lower train.batch_size or use fewer processes")
+        if micro < world:  # zero included: trimming can leave nothing for the other processes
+            raise ValueError(f"{n_examples} training examples at batch_size={opts.batch_size} make "
+                             f"{math.ceil(n_examples / opts.batch_size)} micro-batches, too few for {world} "
+                             "processes in a step: lower train.batch_size or use fewer processes")
         self.micro_per_epoch = max(1, micro)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.per_step)
         self.total_steps = opts.max_steps or max(1, round(opts.epochs * self.steps_per_epoch))

@@ -239,9 +239,11 @@ def judged_scores(cfg: AlignConfig, model_spec: str, out: Path) -> dict[str, Any
 
 
 def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -> dict[str, Any]:
-    run_dir = prepare_run_dir(cfg, "align")
     kd_on = cfg.kd.lambda_ > 0 and cfg.kd.w_pred > 0
-    sources = _teacher_sources(cfg) if kd_on and not dry_run else {}
+    # a dry run without teachers is a routing preview; with them, their checks run too
+    named = any((cfg.expert, cfg.expert_cache, cfg.reference, cfg.reference_cache))
+    kd_on = kd_on and (named or not dry_run)
+    sources = _teacher_sources(cfg) if kd_on else {}
 
     # 1) routing and the training mix (only the small embedding model, if any, is loaded)
     records = training_records(cfg.data)
@@ -249,6 +251,18 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
     mix = (resample_to_share(routing.domain, cfg.domain_share, seed=cfg.train.seed)
            if cfg.domain_share is not None else list(range(len(records))))
     routed = routing_summary(cfg, records, routing, mix)
+
+    # 2) compatibility, before any weights are read (the student's included); held-out files read
+    student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.models.trust_remote_code)
+    student_rows = _config_rows(cfg.student, cfg.models.trust_remote_code)
+    max_length = cfg.train.max_length
+    vocab, notes, caches = (check_teachers(cfg, sources, student_tok, student_rows, max_length)
+                            if kd_on else (None, [], {}))
+    for path in _heldout_sets(cfg).values():
+        load_records(path, require_response=True)
+
+    # the inputs hold up: the run starts here
+    run_dir = prepare_run_dir(cfg, "align")
     atomic_write_text(run_dir / "routing.jsonl", "".join(
         json.dumps(row) + "\n" for row in routing_rows(records, routing, cfg.routing.text)))
     print_routing(routed)
@@ -259,13 +273,6 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
         empty = [ROUTE_TEACHER[n] for n, c in routed["counts"].items() if c == 0]
         if empty:
             console.print(f"[yellow]note:[/] no sample is routed to the {empty[0]}: its model is never loaded")
-
-    # 2) compatibility, before any weights are read (the student's included)
-    student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.models.trust_remote_code)
-    student_rows = _config_rows(cfg.student, cfg.models.trust_remote_code)
-    max_length = cfg.train.max_length
-    vocab, notes, caches = (check_teachers(cfg, sources, student_tok, student_rows, max_length)
-                            if kd_on else (None, [], {}))
 
     # 3) held-out losses of the untrained student (cached in the run directory for resumes)
     sets = _heldout_sets(cfg)

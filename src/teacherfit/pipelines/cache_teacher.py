@@ -119,13 +119,13 @@ def teacher_topk(
 
 
 def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
-    run_dir = prepare_run_dir(cfg, "cache-teacher")
     records = training_records(cfg.data)
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.models.trust_remote_code)
     examples, token_stats = tokenize_records(records, tokenizer, cfg.max_length)
     vocab_rows = cached_rows(tokenizer, teacher_vocab(cfg))
     if cfg.top_k > vocab_rows:
         raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({vocab_rows} tokens): lower top_k")
+    run_dir = prepare_run_dir(cfg, "cache-teacher")  # the inputs hold up: the run starts here
     tail_samples = default_tail_samples(cfg.top_k, vocab_rows)
     writer = TopKCacheWriter(
         run_dir,

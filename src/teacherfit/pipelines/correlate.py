@@ -55,6 +55,8 @@ def _tree_entries(path: Path, text: str) -> list[tuple[Any, Any, int]]:
             json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})", path, line=err.lineno) from None
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to be an outcomes file", path) from None
         text = text.replace("\t", " ")
     loader = None
     try:
@@ -81,6 +83,8 @@ def _tree_entries(path: Path, text: str) -> list[tuple[Any, Any, int]]:
                                     line=line(item))
                 entries.append((value(fields["teacher"]), value(fields["outcome"]), line(item)))
             return entries
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be an outcomes file; give {OUTCOMES_FORMAT}", path) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         number = mark.line + 1 if mark is not None else None

@@ -113,10 +113,7 @@ def _generate(teacher: TeacherConfig, records: list[Record], cfg: EvaluateConfig
 
 def judge_id(judge: TeacherConfig, decoding: DecodingConfig) -> str:
     """Judge name plus a digest of what it is (model or endpoint, decoding): a changed judge is a new key."""
-    from teacherfit.remote import redact_url
-
-    # the URL without its secrets: a rotated key or password is the same judge
-    remote = judge.remote and {"base_url": redact_url(judge.remote.base_url), "model": judge.remote.model}
+    remote = judge.remote and judge.remote.identity()  # no secrets: a rotated key or password is the same judge
     what = json.dumps([judge.backend, judge.model, judge.revision, remote, decoding.model_dump()], sort_keys=True)
     return f"{judge.name}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
 
@@ -342,14 +339,12 @@ def preflight(cfg: EvaluateConfig) -> Inputs:
             check_teachers(GenerateConfig(instructions=instructions, teachers=[teacher], models=cfg.models,
                                           on_error=cfg.on_error), records)
     if cfg.reward is not None and pairs:
-        if cfg.reward.kind == "openai_judge":
-            if cfg.reward.remote is None:
-                raise ConfigError("reward.kind 'openai_judge' needs reward.remote (base_url, model)")
+        if cfg.reward.kind == "openai_judge":  # the config has checked that `remote` is given
             cfg.reward.remote.check_key()
         elif cfg.reward.model is None:
             raise ConfigError(f"reward.kind {cfg.reward.kind!r} needs reward.model")
         else:
-            resolve_model(cfg.reward.model)
+            resolve_model(cfg.reward.model, convert=False)
     return Inputs(sources, prompts, questions, pairs)
 
 

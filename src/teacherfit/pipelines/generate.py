@@ -95,7 +95,7 @@ def _row(record: Record, teacher: TeacherConfig, provenance: dict, decoding: Dec
 
 def teacher_settings(teacher: TeacherConfig, cfg: GenerateConfig) -> dict[str, Any]:
     """Everything that shapes this teacher's responses: what its rows' settings digest covers."""
-    from teacherfit.remote import redact_url
+    from teacherfit.models import resolve_model
 
     if teacher.backend == "file":
         from teacherfit.models import sha256_file
@@ -105,13 +105,16 @@ def teacher_settings(teacher: TeacherConfig, cfg: GenerateConfig) -> dict[str, A
     settings: dict[str, Any] = {"backend": teacher.backend, "decoding": decoding.model_dump(),
                                 "max_prompt_tokens": cfg.max_prompt_tokens}
     if teacher.backend == "openai":
-        settings["remote"] = {"base_url": redact_url(teacher.remote.base_url), "model": teacher.remote.model}
-    else:
+        settings["remote"] = teacher.remote.identity()
+    elif teacher.backend == "transformers":  # the weights: a packaged or GGUF sha256, a folder's digest, a commit
+        resolved = resolve_model(teacher.model, revision=teacher.revision, convert=False)
+        settings.update(model=resolved.provenance, dtype=cfg.models.dtype)
+    else:  # vllm resolves the model itself
         settings.update(model=teacher.model, revision=teacher.revision, dtype=cfg.models.dtype)
-    if decoding.n > 1 and cfg.best_of_n_reward is not None:
-        settings["best_of_n_reward"] = cfg.best_of_n_reward.model_dump(exclude={"remote"}) | (
-            {"remote": {"base_url": redact_url(cfg.best_of_n_reward.remote.base_url),
-                        "model": cfg.best_of_n_reward.remote.model}} if cfg.best_of_n_reward.remote else {})
+    reward = cfg.best_of_n_reward
+    if decoding.n > 1 and reward is not None:
+        settings["best_of_n_reward"] = reward.model_dump(exclude={"remote"}) | (
+            {"remote": reward.remote.identity()} if reward.remote else {})
     return settings
 
 
@@ -130,6 +133,28 @@ def _settings_note(teacher: str, store: ResumableJsonl, digest: str, settings: d
                   f"({'; '.join(changes)}); those rows are kept in the partial file but not reused")
 
 
+def _mark_unkeyed_rows(partial: Path) -> None:
+    """Rows written before rows carried their settings digest: marked ``"settings": "unknown"`` (atomically),
+    so that they count as made with other settings, are kept, and are never mixed into a final set."""
+    if not partial.exists():
+        return
+    lines = partial.read_bytes().split(b"\n")
+    changed = False
+    for i, raw in enumerate(lines[:-1]):  # the part after the last newline is a torn write: left as it is
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "settings" not in row:
+            row["settings"] = "unknown"
+            lines[i] = json.dumps(row, ensure_ascii=False).encode("utf-8")
+            changed = True
+    if changed:
+        from teacherfit.store import atomic_write_bytes
+
+        atomic_write_bytes(partial, b"\n".join(lines))
+
+
 def generate_teacher(
     teacher: TeacherConfig, records: list[Record], cfg: GenerateConfig, run_dir: Path, reward=None,
     file_report: LoadReport | None = None,
@@ -141,6 +166,7 @@ def generate_teacher(
     settings = teacher_settings(teacher, cfg)
     digest = sha256_json(settings)[:16]
     settings_file = out_dir / f"{teacher.name}.settings.json"
+    _mark_unkeyed_rows(out_dir / f"{teacher.name}.partial.jsonl")
     store = ResumableJsonl(out_dir / f"{teacher.name}.partial.jsonl", key_fields=KEY_FIELDS)
     _settings_note(teacher.name, store, digest, settings, settings_file)
     atomic_write_json(settings_file, settings)
@@ -232,13 +258,13 @@ def preflight(cfg: GenerateConfig, records: list[Record]) -> dict[str, LoadRepor
         elif teacher.backend == "openai":
             teacher.remote.check_key()
         elif teacher.backend == "transformers":
-            resolve_model(teacher.model, revision=teacher.revision)
+            resolve_model(teacher.model, revision=teacher.revision, convert=False)
     reward = cfg.best_of_n_reward
     if reward is not None and any((t.decoding or cfg.decoding).n > 1 for t in cfg.teachers):
         if reward.kind == "openai_judge":
             reward.remote.check_key()
         elif reward.model:
-            resolve_model(reward.model)
+            resolve_model(reward.model, convert=False)
     return files
 
 

@@ -124,8 +124,6 @@ def preflight(cfg: RankConfig) -> list[Stage]:
     from teacherfit.rewards import JUDGE_PROMPT_VERSION
 
     reward = cfg.reward
-    if reward.kind == "openai_judge" and reward.remote is None:
-        raise ValueError("reward.kind 'openai_judge' needs reward.remote (base_url, model)")
     if reward.kind != "openai_judge" and not reward.model:
         raise ValueError(f"reward.kind {reward.kind!r} needs reward.model")
     dtype = str(pick_dtype(cfg.models.dtype, pick_device(cfg.models.device))).removeprefix("torch.")
@@ -139,9 +137,7 @@ def preflight(cfg: RankConfig) -> list[Stage]:
         stages.append(Stage("ref", "reference LM", cfg.reference_lm, likelihood(cfg.reference_lm)))
     spec: dict[str, Any] = {"version": SCORES_VERSION, "kind": reward.kind}
     if reward.kind == "openai_judge":
-        from teacherfit.remote import redact_url
-
-        spec.update(base_url=redact_url(reward.remote.base_url), model=reward.remote.model, prompt=JUDGE_PROMPT_VERSION)
+        spec.update(reward.remote.identity(), prompt=JUDGE_PROMPT_VERSION)
     else:
         spec.update(model=resolve_model(reward.model, convert=False).provenance, max_length=reward.max_length,
                     dtype=dtype)

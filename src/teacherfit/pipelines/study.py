@@ -191,7 +191,7 @@ def preflight(cfg: StudyConfig) -> None:
     specs += [ev.judge.model] if judged and ev.judge.backend == "transformers" else []
     specs += [ev.reward.model] if ev.reward is not None and ev.reward.kind != "openai_judge" else []
     for spec in dict.fromkeys(s for s in specs if s):
-        resolve_model(spec)
+        resolve_model(spec, convert=False)
     for t in cfg.teachers + ([ev.judge] if judged else []):
         if t.backend == "file":
             load_records(t.responses, require_response=True, on_error=cfg.generate.on_error)
