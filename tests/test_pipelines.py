@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from teacherfit import metrics
 from teacherfit.cli import app
 from teacherfit.data import load_records, tokenize_example
-from tiny import save_tiny, tiny_llama, tiny_qwen2
+from tiny import save_tiny, tiny_llama, tiny_qwen2, tiny_reward_model
 
 runner = CliRunner()
 
@@ -34,8 +34,6 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     root = tmp_path_factory.mktemp("e2e")
     teachers = {
         "alpha": save_tiny(tiny_llama(tokenizer, seed=1), tokenizer, root / "alpha"),
@@ -43,10 +41,7 @@ def workspace(tmp_path_factory, tokenizer):
         "gamma": save_tiny(tiny_llama(tokenizer, seed=3, layers=1), tokenizer, root / "gamma"),
     }
     student = save_tiny(tiny_llama(tokenizer, seed=4), tokenizer, root / "student")
-    torch.manual_seed(5)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    rm = tiny_reward_model(tokenizer)
     rm_dir = save_tiny(rm, tokenizer, root / "rm")
     instr = root / "instructions.jsonl"
     instr.write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTIONS))

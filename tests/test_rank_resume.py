@@ -12,7 +12,7 @@ from teacherfit.data import Record, write_records
 from teacherfit.models import ModelError
 from teacherfit.pipelines import rank
 from teacherfit.pipelines.rank import run_rank
-from tiny import save_tiny, tiny_llama, tiny_qwen2
+from tiny import save_tiny, tiny_llama, tiny_qwen2, tiny_reward_model
 
 QUESTIONS = ["Name a colour.", "What is the capital of France?", "Write a short poem about the sea.",
              "def add(a, b):", "Translate good morning into French."]
@@ -25,15 +25,10 @@ ANSWERS = {
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     root = tmp_path_factory.mktemp("rank_models")
     student = save_tiny(tiny_llama(tokenizer, seed=4), tokenizer, root / "student")
     ref = save_tiny(tiny_qwen2(tokenizer, seed=6), tokenizer, root / "ref")
-    torch.manual_seed(5)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    rm = tiny_reward_model(tokenizer)
     return student, ref, save_tiny(rm, tokenizer, root / "rm")
 
 

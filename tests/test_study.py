@@ -19,7 +19,7 @@ from teacherfit.config import ConfigError, StudyConfig, load_config
 from teacherfit.data import Record
 from test_evaluate import scripted_judge
 from test_rewards import scripted_server
-from tiny import CORPUS, save_tiny, tiny_llama, tiny_qwen2
+from tiny import CORPUS, save_tiny, tiny_llama, tiny_qwen2, tiny_reward_model
 
 runner = CliRunner()
 
@@ -36,15 +36,10 @@ METRICS = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_studen
 
 @pytest.fixture(scope="module")
 def study_workspace(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     root = tmp_path_factory.mktemp("study")
     student = save_tiny(tiny_llama(tokenizer, seed=4), tokenizer, root / "student")
     teacher = save_tiny(tiny_qwen2(tokenizer, seed=2), tokenizer, root / "teacher")
-    torch.manual_seed(5)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    rm = tiny_reward_model(tokenizer)
     rm_dir = save_tiny(rm, tokenizer, root / "rm")
     (root / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
     for name, answer in FILE_TEACHERS.items():

@@ -77,22 +77,19 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
         load_config(GenerateConfig, twice)
 
 
-@pytest.mark.parametrize("section, typo, suggestion", [
-    ("decoding", "temprature", "temperature"),
-    ("decoding", "max_tokens", "max_new_tokens"),
+OPENAI = {"name": "a", "backend": "openai", "remote": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}
+
+
+@pytest.mark.parametrize("field, suggestion, overrides", [
+    ("decoding.temprature", "temperature", ["decoding.temprature=0.7"]),
+    ("decoding.max_tokens", "max_new_tokens", ["decoding.max_tokens=64"]),
+    ("teachers.0.remote.concurency", "concurrency", ["teachers=[" + json.dumps(OPENAI)[:-2] + ', "concurency": 4}}]']),
+    ("teachers.0.remote.api_key", "api_key_env", ["teachers=[" + json.dumps(OPENAI)[:-2] + ', "api_key": "sk-x"}}]']),
 ])
-def test_typos_inside_decoding_are_errors_with_a_suggestion(instructions, section, typo, suggestion):
-    with pytest.raises(ConfigError, match=rf"`{section}.{typo}`: Extra inputs.*did you mean `{suggestion}`"):
-        load_config(GenerateConfig, None, [f"{section}.{typo}=0.7"], instructions=str(instructions),
+def test_typos_inside_decoding_and_remote_are_errors_with_a_suggestion(instructions, field, suggestion, overrides):
+    with pytest.raises(ConfigError, match=rf"`{field}`: Extra inputs.*did you mean `{suggestion}`"):
+        load_config(GenerateConfig, None, overrides, instructions=str(instructions),
                     teachers=[{"name": "a", "model": "x"}])
-
-
-@pytest.mark.parametrize("typo, suggestion", [("concurency", "concurrency"), ("api_key", "api_key_env")])
-def test_typos_inside_remote_are_errors(instructions, typo, suggestion):
-    teacher = {"name": "a", "backend": "openai",
-               "remote": {"base_url": "http://127.0.0.1:1/v1", "model": "m", typo: 4}}
-    with pytest.raises(ConfigError, match=rf"teachers.0.remote.{typo}`: Extra inputs.*did you mean `{suggestion}`"):
-        load_config(GenerateConfig, None, instructions=str(instructions), teachers=[teacher])
 
 
 def test_a_base_url_that_is_not_a_url_is_a_config_error(instructions):

@@ -78,6 +78,16 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, seed: int = 1, layers: int = 
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def tiny_reward_model(tokenizer: PreTrainedTokenizerFast, seed: int = 5):
+    """A one-layer Llama sequence classifier with one label: a real (random) classifier reward model."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+
+
 def save_tiny(model, tokenizer, path: Path) -> Path:
     """Write a tiny model + tokenizer as a Hugging Face folder (safetensors)."""
     path = Path(path)
