@@ -332,3 +332,29 @@ def test_replaced_weights_at_the_same_path_are_new_settings(instructions, tokeni
     second = _generate(instructions, path, tmp_path / "gen")
     finish_runs()
     assert first.teachers[0].generated == 3 and (second.teachers[0].generated, second.teachers[0].resumed) == (3, 0)
+
+
+def test_two_real_processes_on_one_out_one_runs_the_other_is_refused(instructions, tmp_path):
+    """A real second `teacherfit generate` on the same --out while the first waits on its server: refused with
+    the first one's pid; the first then finishes with exactly one row per instruction."""
+    import subprocess
+    import sys
+
+    def slow(state, n, body, headers):
+        state.release.wait(30)  # the first process stays inside its run until the test lets it go
+        return 200, completion_body()
+
+    with fake_server(slow) as (base_url, state):
+        cfg = _remote_config(tmp_path, instructions, base_url)
+        first = subprocess.Popen([sys.executable, "-m", "teacherfit", "generate", "-c", str(cfg)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lock = tmp_path / "run" / ".lock"
+        deadline = time.time() + 60
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text()) and time.time() < deadline:
+            assert first.poll() is None, first.stdout.read().decode()
+            time.sleep(0.1)
+        fails_cleanly("generate", "--config", cfg, needle=f"in use by pid {first.pid} on")
+        state.release.set()
+        assert first.wait(60) == 0, first.stdout.read().decode()
+    rows = (tmp_path / "run" / "responses" / "api.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and len({json.loads(r)["id"] for r in rows}) == 3
