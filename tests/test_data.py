@@ -2,6 +2,7 @@ import copy
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -475,3 +476,98 @@ def test_response_alone_scores_exactly_the_conditional_response_tokens(tokenizer
     assert tok.decode(scored(alone)).startswith(chat[-1]["content"])
     # what tokenize_text scores for the same response is not that: EOS instead of the template's end of turn
     assert scored(tokenize_text(tok, chat[-1]["content"])) != scored(cond)
+
+
+# ---- Hugging Face `datasets`: save_to_disk folders, Arrow files, hub ids (offline here)
+
+CHATS = [
+    {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+    for i in range(5)
+]
+
+
+def test_save_to_disk_folder_and_arrow_file_read_as_the_same_records(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    jsonl = tmp_path / "chats.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
+    want = [(r.id, r.messages) for r in load_records(jsonl).records]
+    ds = Dataset.from_list(CHATS)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert [(r.id, r.messages) for r in load_records(tmp_path / "saved").records] == want
+    DatasetDict({"train": ds.select(range(3)), "test": ds.select(range(3, 5))}).save_to_disk(str(tmp_path / "dd"))
+    test = load_records(f"{tmp_path / 'dd'}?split=test")
+    assert [(r.id, r.messages) for r in test.records] == want[3:] and test.format == "messages"
+    with pytest.raises(DataError, match=r"has splits train, test; name one, e\.g\. .*dd\?split=train"):
+        load_records(tmp_path / "dd")
+    with pytest.raises(DataError, match="no split 'dev'; it has train, test"):
+        load_records(f"{tmp_path / 'dd'}?split=dev")
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    assert [(r.id, r.messages) for r in load_records(arrow).records] == want
+
+
+def test_dataset_row_errors_name_the_dataset_and_row_index(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "", "output": "no instruction"}]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'bad'}#1: ")):
+        load_records(tmp_path / "bad")
+    skipped = load_records(tmp_path / "bad", on_error="skip")
+    assert len(skipped.records) == 1 and skipped.malformed[0][0] == f"{tmp_path / 'bad'}#1"
+
+
+def test_a_folder_that_is_not_a_saved_dataset_is_refused(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not one written by `datasets`' save_to_disk"):
+        load_records(tmp_path / "plain")
+
+
+def test_hub_ids_are_told_apart_from_paths(tmp_path, monkeypatch):
+    from teacherfit.data import is_hub_id, parse_source
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("HuggingFaceH4/ultrachat_200k") and is_hub_id("tatsu-lab/alpaca?split=train&revision=main")
+    assert not is_hub_id("data/prompts.jsonl") and not is_hub_id("./x") and not is_hub_id("/abs/x")
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+    assert not is_hub_id("org/name")  # an existing folder wins
+    assert parse_source("a/b?split=train_sft&subset=default&revision=abc") == (
+        Path("a/b"), {"split": "train_sft", "subset": "default", "revision": "abc"})
+    with pytest.raises(DataError, match="unknown dataset option 'splt'"):
+        parse_source("a/b?splt=train")
+
+
+def test_hub_dataset_goes_through_load_dataset_and_offline_says_what_to_do(monkeypatch):
+    """Offline here (HF_HUB_OFFLINE=1): the hub path reaches datasets.load_dataset with the id, subset, split and
+    revision the user gave, and its failure becomes one line naming the dataset and what to do."""
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    with pytest.raises(DataError) as err:
+        load_records("HuggingFaceH4/ultrachat_200k?split=train_sft&subset=default&revision=main")
+    assert calls == [(("HuggingFaceH4/ultrachat_200k", "default"), {"split": "train_sft", "revision": "main"})]
+    message = str(err.value)
+    assert message.startswith("HuggingFaceH4/ultrachat_200k?split=train_sft&subset=default&revision=main: cannot load")
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_config_keeps_hub_ids_and_resolves_paths_relative_to_the_file(tmp_path):
+    from teacherfit.config import GenerateConfig, load_config
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "local.jsonl").write_text(json.dumps(CHATS[0]) + "\n")
+    cfg_file = tmp_path / "conf" / "g.yaml"
+    cfg_file.write_text("instructions: HuggingFaceH4/ultrachat_200k?split=train_sft\nteachers: [{name: a, model: m}]\n")
+    assert str(load_config(GenerateConfig, cfg_file).instructions) == "HuggingFaceH4/ultrachat_200k?split=train_sft"
+    cfg_file.write_text("instructions: local.jsonl\nteachers: [{name: a, model: m}]\nout: runs/gen\n")
+    cfg = load_config(GenerateConfig, cfg_file)
+    assert cfg.instructions == (tmp_path / "conf" / "local.jsonl").resolve()
+    assert cfg.out == (tmp_path / "conf" / "runs" / "gen").resolve()  # an output folder is never a Hub id

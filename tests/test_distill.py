@@ -350,3 +350,48 @@ def test_dry_run_checks_everything_and_loads_nothing(ws, tmp_path, monkeypatch):
     with pytest.raises(KDIncompatible, match="same tokenizer"):
         pipeline.run_distill(_cfg(ws, out, f"teacher={other_dir}"), dry_run=True)
     assert not out.exists()
+
+
+def test_report_to_tensorboard_logs_the_same_numbers_as_the_jsonl_log(ws, tmp_path):
+    """train.report_to goes through accelerate's trackers: TensorBoard's event file holds every logged step's
+    numbers, equal to log.jsonl's, and the run's config as hyperparameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from teacherfit.pipelines.distill import run_distill
+
+    summary = run_distill(_cfg(ws, tmp_path / "tb", "train.report_to=tensorboard", "kd.w_attn=0"))
+    log = [json.loads(line) for line in (tmp_path / "tb" / "log.jsonl").read_text().splitlines()]
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in the run directory"
+    scalars = {}
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in log] == [1, 2, 3, 4]
+    for key in ("loss", "ce", "kd", "lr", "grad_norm"):
+        assert [v for _, v in scalars[f"train/{key}"]] == pytest.approx([r[key] for r in log], rel=1e-6)
+    assert summary["steps"] == 4
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_any_work(ws, tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from teacherfit.cli import app
+
+    missing = next(n for n in ("wandb", "swanlab", "aim", "dvclive") if importlib.util.find_spec(n) is None)
+    root, teacher, student, data = ws
+    result = CliRunner().invoke(app, ["distill", "--student", str(student), "--teacher", str(teacher),
+                                      "--responses", f"t={data}", "--out", str(tmp_path / "run"),
+                                      "--set", f"train.report_to=[{missing}]"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: invalid config (defaults): field `train.report_to`: Value error, "
+                                     f"{missing} is not installed: `pip install {missing}`, or leave it out of "
+                                     f"train.report_to (got ['{missing}'])")
+    assert not (tmp_path / "run").exists()
+    result = CliRunner().invoke(app, ["distill", "--student", str(student), "--teacher", str(teacher),
+                                      "--responses", f"t={data}", "--set", "train.report_to=tensorbord"])
+    assert result.exit_code == 2 and "did you mean 'tensorboard'" in result.output

@@ -376,3 +376,53 @@ def test_default_grid_is_zero_plus_log_grid():
     grid = metrics.DEFAULT_BETA_GRID
     assert grid[0] == 0.0 and grid.size == 42
     np.testing.assert_allclose(grid[1:], np.geomspace(0.01, 100, 41))
+
+
+def _naive_pick(rewards, losses, beta, transform, n_resamples, seed):
+    """The paired bootstrap written out loop by loop: the same instruction draws for every teacher."""
+    rewards, losses = np.asarray(rewards, float), np.asarray(losses, float)
+    t, n = rewards.shape
+    point = []
+    for k in range(t):
+        ok = [j for j in range(n) if math.isfinite(rewards[k, j]) and math.isfinite(losses[k, j])]
+        point.append(transform(sum(rewards[k, j] for j in ok) / len(ok)) / (1 + beta * sum(losses[k, j] for j in ok) / len(ok)))
+    order = sorted(range(t), key=lambda k: -point[k])
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    wins = [0] * t
+    beats = 0
+    for row in draws:
+        cars = []
+        for k in range(t):
+            ok = [j for j in row if math.isfinite(rewards[k, j]) and math.isfinite(losses[k, j])]
+            cars.append(transform(sum(rewards[k, j] for j in ok) / len(ok)) / (1 + beta * sum(losses[k, j] for j in ok) / len(ok))
+                        if ok else -math.inf)
+        wins[max(range(t), key=lambda k: cars[k])] += 1
+        beats += cars[order[0]] > cars[order[1]]
+    return point, order[0], order[1], [w / n_resamples for w in wins], beats / n_resamples
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_car_pick_probabilities_match_a_naive_paired_bootstrap(seed):
+    rng = np.random.default_rng(seed)
+    rewards = rng.uniform(3, 9, size=(4, 15))
+    losses = rng.uniform(0.5, 3, size=(4, 15))
+    rewards[2, 3] = np.nan  # an unparsed judgment: left out of that teacher's means only
+    got = metrics.car_pick_probabilities(rewards, losses, 0.7, n_resamples=300, seed=seed)
+    point, leader, runner, p_best, p_beats = _naive_pick(rewards, losses, 0.7, lambda x: x, 300, seed)
+    assert got["car"] == pytest.approx(point, rel=1e-12)
+    assert (got["leader"], got["runner_up"]) == (leader, runner)
+    assert got["p_best"] == pytest.approx(p_best, abs=1e-12) and sum(got["p_best"]) == pytest.approx(1.0)
+    assert got["p_leader_beats_runner_up"] == pytest.approx(p_beats, abs=1e-12)
+
+
+def test_car_pick_probabilities_separate_clear_and_tied_teachers():
+    rng = np.random.default_rng(3)
+    losses = rng.uniform(1, 2, size=(2, 40))
+    clear = np.stack([np.full(40, 9.0), np.full(40, 3.0)]) + rng.normal(0, 0.3, size=(2, 40))
+    got = metrics.car_pick_probabilities(clear, losses, 1.0, n_resamples=500)
+    assert got["leader"] == 0 and got["p_leader_beats_runner_up"] == 1.0 and got["p_best"][0] == 1.0
+    same = np.stack([clear[0], clear[0]])  # two identical response sets: a coin toss at best, never a pick
+    tied = metrics.car_pick_probabilities(same, np.stack([losses[0], losses[0]]), 1.0, n_resamples=500)
+    assert tied["p_leader_beats_runner_up"] == 0.0  # equal CAR in every resample: "beats" is strict
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        metrics.car_pick_probabilities(clear[:1], losses[:1])

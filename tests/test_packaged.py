@@ -3,6 +3,7 @@
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -109,7 +110,7 @@ def test_quickstart_end_to_end(tmp_path):
         assert t["n"] == 8
         assert 1 <= t["reward"] <= 10 and 0 < t["loss_student"] < 10
         assert t["car"] == pytest.approx(t["reward"] / (1 + results["beta"] * t["loss_student"]), rel=1e-9)
-        assert math.isfinite(t["ifd_student"]) and math.isfinite(t["ppl_ref"])
+        assert math.isfinite(t["ifd_student"]) and math.isnan(t["ppl_ref"])  # no reference LM in the quickstart
     assert results["car_variant"] == "plain"  # judge ratings are positive
     assert any("no chat template" in n for n in results["notes"])  # Gemma-3-270M base
     assert (tmp_path / "qs" / "rank" / "report.html").stat().st_size > 20_000
@@ -135,3 +136,23 @@ def test_quickstart_end_to_end(tmp_path):
     assert [r["set"].split(" ")[0] for r in align["heldout"]["table"]] == ["domain", "general"]
     assert all(0 < r["loss_before"] < 10 and 0 < r["loss_after"] < 10 for r in align["heldout"]["table"])
     assert (tmp_path / "qs" / "align" / "report.html").exists() and "align" in summary["seconds"]
+    assert align["teachers"]["expert"]["cache"].endswith("expert-cache")  # the packaged cache: no 1.5B load
+    assert align["teachers"]["expert"]["model"] == "qwen2.5-coder-1.5b-instruct"
+    # the closing summary says what each phase's own results say
+    pick = results["recommendation"]
+    assert summary["rank"]["pick"] == pick["teacher"] == teachers[0]["teacher"]
+    assert summary["rank"]["p_beats_runner_up"] == pick["p_beats_runner_up"]
+    assert summary["rank"]["supported"] == pick["supported"] and summary["rank"]["verdict"] == pick["text"]
+    assert results["recommendation"]["beta_is_default"] and any("uncalibrated" in n for n in results["notes"])
+    d = summary["distill"]
+    assert (d["kd_first"], d["kd_final"], d["steps"]) == (distill["first"]["kd"], distill["final"]["kd"], 2)
+    table = {r["set"].split(" ")[0]: r for r in align["heldout"]["table"]}
+    assert summary["align"]["heldout"] == {k: {"before": r["loss_before"], "after": r["loss_after"]}
+                                           for k, r in table.items()}
+    assert set(summary["reports"]) == {"rank", "distill", "align"}
+    assert all(Path(p).is_file() for p in summary["reports"].values())
+    out = " ".join(result.output.split())
+    assert "quickstart phase 1/3: rank" in out and "quickstart phase 3/3: align" in out
+    assert f"KD loss {d['kd_first']:.3f} at step 1 -> {d['kd_final']:.3f} at step 2" in out
+    assert f"domain loss {table['domain']['loss_before']:.3f} -> {table['domain']['loss_after']:.3f}" in out
+    assert summary["peak_rss_mb"]["total"] == max(summary["peak_rss_mb"][k] for k in ("rank", "distill", "align"))

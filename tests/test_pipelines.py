@@ -222,3 +222,53 @@ def test_best_of_n_keeps_the_candidate_with_the_highest_reward(workspace, tmp_pa
         assert len(cands) == 3
         best = max(cands, key=lambda c: c["reward"])
         assert r.response == best["text"]
+
+
+def test_rank_says_which_teacher_to_use_and_fits_80_columns(ranked, workspace):
+    """The recommendation is the paired bootstrap's (recomputed here from the per-sample rows), the terminal
+    table shows every teacher's full name at 80 columns, and the next commands are runnable as printed."""
+    from rich.console import Console
+
+    from teacherfit.pipelines.rank import print_ranking
+
+    results = json.loads((ranked / "results.json").read_text())
+    samples = pq.read_table(ranked / "per_sample.parquet").to_pylist()
+    pick = results["recommendation"]
+    names = [t["teacher"] for t in results["teachers"]]
+    ids = sorted({s["id"] for s in samples})
+    grid = {(s["teacher"], s["id"]): s for s in samples}
+    rewards = np.array([[grid[n, i]["reward"] for i in ids] for n in names])
+    losses = np.array([[grid[n, i]["loss_student"] for i in ids] for n in names])
+    transform = (lambda x: x) if results["car_variant"] == "plain" else metrics.positive_reward_map(rewards.mean(1))
+    want = metrics.car_pick_probabilities(rewards, losses, results["beta"], transform=transform, n_resamples=200, seed=0)
+    assert pick["teacher"] == names[want["leader"]] == names[0] and pick["runner_up"] == names[want["runner_up"]]
+    assert pick["p_beats_runner_up"] == pytest.approx(want["p_leader_beats_runner_up"])
+    assert pick["supported"] == (pick["p_beats_runner_up"] >= 0.95)
+    assert [t["p_best"] for t in results["teachers"]] == pytest.approx(want["p_best"])
+    assert pick["beta_is_default"] is False  # --beta 0.5 was given: no placeholder warning
+    assert not any("uncalibrated" in n for n in results["notes"])
+    assert pick["next"][0].startswith(f"teacherfit distill --student {workspace[2]} --responses {names[0]}=")
+    assert any("data.best_of_rank=" in c for c in pick["next"])
+
+    console = Console(width=80, record=True, force_terminal=False)
+    print_ranking(results, ranked, out=console)
+    text = console.export_text()
+    commands = [line for line in text.splitlines() if line.startswith("  teacherfit ")]
+    assert len(commands) == len(pick["next"])  # each on one line, whole, to copy (the only lines past 80)
+    assert max(len(line) for line in text.splitlines() if line not in commands) <= 80
+    table = text.split("pick:" if pick["supported"] else "no pick:")[0]
+    for name in names:
+        assert name in table  # whole, not "gam…"
+    assert "…" not in table and "P(best)" in table
+    assert ("pick: use " if pick["supported"] else "no pick: no pick is supported") in " ".join(text.split())
+
+
+def test_rank_report_leads_with_the_pick_and_shows_the_texts(ranked):
+    html = (ranked / "report.html").read_text()
+    results = json.loads((ranked / "results.json").read_text())
+    verdict = html.index('class="verdict')
+    assert verdict < html.index("Teachers, best CAR first") < html.index("Per-sample scores") < html.index("Provenance")
+    assert results["recommendation"]["teacher"] in html[verdict: verdict + 400]
+    assert "Write a short poem about the sea." in html  # instruction text, escaped, beside each response
+    assert "teacherfit distill --student" in html
+    assert "{&quot;" not in html and '{"model"' not in html  # provenance as a table, not raw JSON

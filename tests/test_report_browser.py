@@ -100,3 +100,36 @@ def test_study_report_renders_in_headless_chromium(studied, tmp_path):
     check_rendered_report(studied[0] / "report.html", tmp_path, title="teacherfit study", min_tables=8, images=3,
                           captions=("Our correlations next to the paper's", "Larger-versus-smaller pairs",
                                     "Xu et al. 2024, Table 4 (Spearman rho with AP)"))
+
+
+from test_pipelines import generated, ranked, workspace  # noqa: E402,F401  (fixtures: a tiny generate + rank run)
+
+RANK_FACTS = """({
+  verdict: (document.querySelector('.verdict') || {}).textContent || null,
+  verdictTop: document.querySelector('.verdict') ? document.querySelector('.verdict').getBoundingClientRect().top : null,
+  firstTableTop: document.querySelector('table').getBoundingClientRect().top,
+  samples: [...document.querySelectorAll('table')].filter(t => t.caption && t.caption.textContent === 'Per-sample scores')
+    .map(t => [...t.rows].slice(1).map(r => [...r.cells].map(c => c.textContent)))[0],
+  next: (document.querySelector('pre.code') || {}).textContent || null,
+})"""
+
+
+def test_rank_report_renders_in_headless_chromium(ranked, tmp_path):
+    """The rank report leads with the pick (above every table), shows each sample's instruction and response
+    text, the next command, and embeds everything (3 plots, nothing fetched)."""
+    report = ranked / "report.html"
+    check_rendered_report(report, tmp_path, title="teacherfit rank", min_tables=3, images=3,
+                          captions=("Per-sample scores", "Provenance"))
+    results = json.loads((ranked / "results.json").read_text())
+    with HeadlessChromium(CHROMIUM) as browser:
+        page = browser.open(report.resolve().as_uri())
+        facts = browser.evaluate(page, RANK_FACTS)
+    pick = results["recommendation"]
+    assert facts["verdict"].lower().startswith("use " if pick["supported"] else "no pick is supported")
+    assert pick["teacher"] in facts["verdict"] and facts["verdictTop"] < facts["firstTableTop"]
+    header = ["id", "instruction", "teacher", "response"]
+    rows = facts["samples"]
+    assert rows and all(len(r) >= len(header) for r in rows)
+    assert "Write a short poem about the sea." in {r[1] for r in rows}
+    assert any(r[3] for r in rows)  # response text shown (escaped: the browser shows the characters)
+    assert facts["next"].startswith("teacherfit distill --student ")

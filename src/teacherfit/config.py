@@ -32,6 +32,8 @@ class Strict(BaseModel):
 
 
 class ModelOptions(Strict):
+    """Where and how models load: device, dtype, remote code."""
+
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1'...")
     dtype: str = Field("auto", description="'auto' = fp32 on CPU, bf16 on CUDA; or float32 / bfloat16 / float16.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you ask.")
@@ -41,9 +43,11 @@ class TeacherConfig(Strict):
     """A candidate teacher: a model to generate with, a server to ask, or an existing response set."""
 
     name: str = Field(description="Short unique name used in file names and reports.")
-    backend: Literal["transformers", "openai", "vllm", "file"] = "transformers"
+    backend: Literal["transformers", "openai", "vllm", "file"] = Field(
+        "transformers", description="'transformers' (in process), 'vllm' (in process, GPU), 'openai' (any "
+        "OpenAI-compatible server, `remote`), 'file' (an existing response set, `responses`).")
     model: str | None = Field(None, description="Hub id, folder, .gguf file or packaged model name.")
-    revision: str | None = None
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
     responses: Path | None = Field(None, description="backend 'file': an existing response set to use as is.")
     remote: RemoteConfig | None = Field(None, description="backend 'openai': the server to ask.")
     batch_size: int = Field(16, ge=1, description="transformers backend: prompts per batch.")
@@ -84,8 +88,11 @@ class RewardConfig(Strict):
 
 
 class GenerateConfig(Strict):
+    """`teacherfit generate`: instructions x teachers -> one response set per teacher."""
+
     instructions: Path = Field(description="Instruction set: JSONL/JSON/Parquet in Alpaca, ShareGPT or messages format.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="Row format of the data; 'auto' detects it from the first rows.")
     on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
     limit: int | None = Field(None, ge=1, description="Use only the first N instructions.")
     teachers: list[TeacherConfig] = Field(min_length=1)
@@ -99,11 +106,15 @@ class GenerateConfig(Strict):
 
 
 class ResponseSetConfig(Strict):
-    name: str
-    path: Path
+    """A teacher's response set: the file `generate` writes, or any instruction file with responses."""
+
+    name: str = Field(description="The teacher's name in reports and file names.")
+    path: Path = Field(description="JSONL/JSON/Parquet file (Alpaca, ShareGPT or messages format, with responses).")
 
 
 class RankConfig(Strict):
+    """`teacherfit rank`: CAR and the baselines per teacher for one student."""
+
     responses: list[ResponseSetConfig] = Field(
         default_factory=list, description="Teachers' response sets (or give `generate_run`)."
     )
@@ -119,21 +130,27 @@ class RankConfig(Strict):
     )
     max_length: int = Field(2048, ge=16, description="Tokens per (instruction, response) example; longer ones are counted.")
     max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch (length-sorted batches).")
-    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
-    on_error: Literal["stop", "skip"] = "stop"
-    limit: int | None = Field(None, ge=1)
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="Row format of the response sets; 'auto' detects it.")
+    on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N instructions answered by every teacher.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 = none).")
-    seed: int = 0
+    pick_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="The report names a teacher to use when the CAR leader beats the runner-up "
+        "in at least this share of paired bootstrap resamples of the instructions; below it, it says no pick is supported.")
+    seed: int = Field(0, description="Seed of the bootstrap resamples.")
     models: ModelOptions = ModelOptions()
-    out: Path | None = None
+    out: Path | None = Field(None, description="Run directory (default: runs/rank-<config digest>); re-run to resume.")
 
 
 class CorrelateConfig(Strict):
+    """`teacherfit correlate`: how well each rank metric predicted an observed outcome."""
+
     rank_run: Path = Field(description="A `teacherfit rank` run directory (its teachers.json).")
     outcomes: Path = Field(description="Observed outcome per teacher: JSON/YAML mapping, or CSV with teacher,outcome.")
-    bootstrap: int = Field(1000, ge=0)
-    seed: int = 0
-    out: Path | None = None
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the correlations' 95% intervals (0 = none).")
+    seed: int = Field(0, description="Seed of the bootstrap resamples.")
+    out: Path | None = Field(None, description="Run directory (default: runs/correlate-<config digest>).")
 
 
 class StudentInit(Strict):
@@ -151,7 +168,9 @@ class KDConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="tau; the divergence is computed at tau and scaled by tau^2.")
     w_pred: float = Field(1.0, ge=0, description="Weight of the prediction-layer (logit) KD term; 0 = off.")
     w_attn: float = Field(1.0, ge=0, description="Weight of the attention KD term; 0 = off.")
-    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "tvd"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "tvd"] = Field(
+        "forward_kl", description="KL(p_T || p_S) (the paper's), reverse KL, generalized JSD (TRL GKD's, "
+        "divergence_kwargs.beta), skew KL (DistiLLM's, divergence_kwargs.alpha) or total variation.")
     divergence_kwargs: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} or {alpha: 0.1}.")
     layer_map: str | dict[int, int] | list[list[int]] = Field(
         "uniform", description="'uniform', 'last:N', or explicit {student_layer: teacher_layer}."
@@ -175,41 +194,86 @@ class KDConfig(Strict):
 
 
 class LoraOptions(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    """Train LoRA adapters (peft) instead of every weight; the merged model is saved."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | str = Field("all-linear", description="peft target_modules.")
 
 
+# Experiment trackers `train.report_to` may name (accelerate's), and the module each needs installed.
+TRACKERS: dict[str, str] = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow",
+                            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive",
+                            "swanlab": "swanlab"}
+
+
+def resolve_report_to(value: str | list[str]) -> list[str]:
+    """``train.report_to`` as a list of installed tracker names: 'none' -> [], 'all' -> every installed one; a
+    named tracker that is not installed is an error that says how to install it (before any model loads)."""
+    import importlib.util
+
+    names = [value] if isinstance(value, str) else list(value)
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        return [n for n, module in TRACKERS.items() if importlib.util.find_spec(module) is not None]
+    for name in names:
+        if name not in TRACKERS:
+            import difflib
+
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            raise ValueError(f"unknown tracker {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"use 'none', 'all' or names among {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ValueError(f"{name} is not installed: `pip install {name}`, or leave it out of train.report_to")
+    return list(dict.fromkeys(names))
+
+
 class TrainOptions(Strict):
-    lr: float = Field(2e-5, gt=0)
+    """The optimisation: AdamW, linear warm-up then cosine decay, checkpoints."""
+
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (TRL: learning_rate).")
     epochs: float = Field(2.0, gt=0, description="Passes over the data (the paper: 2).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
     grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up, then cosine decay to 0.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (the paper: 0.1 for KD, 0 for DAE).")
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(2048, ge=16)
-    seed: int = 0
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
+    max_length: int = Field(2048, ge=16, description="Tokens per training example; longer ones are truncated and counted.")
+    seed: int = Field(0, description="Seed of the data order, the initialisation of new weights and sampling.")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between log lines (train_log.jsonl, report_to).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student decoder's activations in backward (less memory, ~1/3 more student compute)."
     )
+    report_to: str | list[str] = Field(
+        "none", validate_default=True, description="Experiment trackers for the training metrics, besides log.jsonl (as Transformers' "
+        "report_to): 'none', 'all' (every installed one), or names among " + ", ".join(TRACKERS) + " (accelerate's "
+        "trackers; the package must be installed).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: str | list[str]) -> list[str]:
+        return resolve_report_to(v)
 
 
 class TrainData(Strict):
+    """The training set: response sets, or a rank run's per-instruction best."""
+
     responses: list[ResponseSetConfig] = Field(default_factory=list, description="Response sets to train on.")
     best_of_rank: Path | None = Field(
         None, description="A rank run: per instruction, the response of the teacher with the best per-sample CAR."
     )
-    limit: int | None = Field(None, ge=1)
-    on_error: Literal["stop", "skip"] = "stop"
+    limit: int | None = Field(None, ge=1, description="Use only the first N training samples.")
+    on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
 
 
 class DistillConfig(Strict):
+    """`teacherfit distill`: L = (1 - lambda) CE + lambda (w_pred L_pred + w_attn L_attn)."""
+
     student: str = Field(description="Student model (hub id, folder, .gguf, packaged name), or see student_init.")
     student_init: StudentInit | None = None
     teacher: str | None = Field(None, description="Online teacher (frozen, eval mode).")
@@ -218,20 +282,22 @@ class DistillConfig(Strict):
     data: TrainData
     kd: KDConfig = KDConfig()
     train: TrainOptions = TrainOptions()
-    lora: LoraOptions | None = None
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full fine-tune).")
     models: ModelOptions = ModelOptions()
-    out: Path | None = None
+    out: Path | None = Field(None, description="Run directory (default: runs/distill-<config digest>); re-run to resume.")
 
 
 class CacheTeacherConfig(Strict):
+    """`teacherfit cache-teacher`: the teacher's top-k next-token log-probs for every response token."""
+
     teacher: str = Field(description="Teacher model whose top-k next-token distributions are cached.")
     data: TrainData
     top_k: int = Field(32, ge=1, description="Token ids kept per position.")
-    max_length: int = Field(2048, ge=16)
-    examples_per_shard: int = Field(256, ge=1)
+    max_length: int = Field(2048, ge=16, description="Tokens per example: use the training run's train.max_length.")
+    examples_per_shard: int = Field(256, ge=1, description="Examples per safetensors shard (a resume redoes at most one).")
     max_tokens: int = Field(4096, ge=64, description="Token budget per forward batch.")
     models: ModelOptions = ModelOptions()
-    out: Path | None = None
+    out: Path | None = Field(None, description="The cache folder; re-run with the same one to resume.")
 
 
 class RoutingConfig(Strict):
@@ -280,12 +346,12 @@ class AlignConfig(Strict):
     heldout: HeldoutSets = HeldoutSets()
     kd: KDConfig = Field(KDConfig(w_attn=0.0), description="lambda, temperature, divergence; attention KD is not part of DAE.")
     train: TrainOptions = Field(TrainOptions(weight_decay=0.0), description="As distill's (the paper's DAE: weight decay 0).")
-    lora: LoraOptions | None = None
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full fine-tune).")
     evaluate: dict[str, Any] | None = Field(
         None, description="Optional `teacherfit evaluate` settings (without student): judged scores of the student "
         "before and after, side by side. Off when unset (judging is slow).")
     models: ModelOptions = ModelOptions()
-    out: Path | None = None
+    out: Path | None = Field(None, description="Run directory (default: runs/align-<config digest>); re-run to resume.")
 
     @field_validator("kd", "train", mode="before")
     @classmethod
@@ -305,16 +371,16 @@ class AlignConfig(Strict):
 class QuickstartConfig(Strict):
     """The embedded default: everything small, on CPU, offline, with packaged models."""
 
-    rank: RankConfig
-    distill: DistillConfig | None = None
-    align: AlignConfig | None = None
-    out: Path | None = None
+    rank: RankConfig = Field(description="Phase 1: rank the teachers (as `teacherfit rank`).")
+    distill: DistillConfig | None = Field(None, description="Phase 2: distill (as `teacherfit distill`); unset: skipped.")
+    align: AlignConfig | None = Field(None, description="Phase 3: DAE (as `teacherfit align`); unset: skipped.")
+    out: Path | None = Field(None, description="Run directory (default: runs/quickstart-<config digest>).")
 
 
 class MTBenchOptions(Strict):
     """MT-Bench: two-turn questions, single-answer grading 1-10 (reference-guided for math, reasoning, coding)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Grade the student on MT-Bench (false: skip this part).")
     questions: Path | None = Field(None, description="question.jsonl in MT-Bench's format; default: the packaged 80.")
     reference_answers: Path | None = Field(
         None, description="Reference answers in FastChat's answer format; default: the packaged GPT-4 answers.")
@@ -327,7 +393,7 @@ class MTBenchOptions(Strict):
 class PairwiseOptions(Strict):
     """Win rate against a reference model's answers, judged in both orders; length-controlled too."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Judge pairwise against the reference (false: skip this part).")
     instructions: Path | None = Field(
         None, description="Instruction set (any format `generate` reads); default: the MT-Bench questions' first turns.")
     reference: TeacherConfig | None = Field(
@@ -355,10 +421,10 @@ class EvaluateConfig(Strict):
     max_length: int = Field(2048, ge=16, description="Tokens per held-out example.")
     max_prompt_tokens: int = Field(4096, ge=8, description="Longer student/judge prompts are counted and not generated.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals (0 = none).")
-    seed: int = 0
-    on_error: Literal["stop", "skip"] = "stop"
+    seed: int = Field(0, description="Seed of sampling and of the bootstrap resamples.")
+    on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
     models: ModelOptions = ModelOptions()
-    out: Path | None = None
+    out: Path | None = Field(None, description="Run directory (default: runs/evaluate-<config digest>); re-run to resume.")
 
     @field_validator("student", "judge", mode="before")
     @classmethod
@@ -414,9 +480,9 @@ class StudyGenerate(GenerateConfig):
 class TeacherPair(Strict):
     """Two teachers of one family, to check the paradox: did the larger one give the better student?"""
 
-    larger: str
-    smaller: str
-    family: str | None = None
+    larger: str = Field(description="Name of the larger teacher setting.")
+    smaller: str = Field(description="Name of the smaller teacher setting of the same family.")
+    family: str | None = Field(None, description="Family name for the report (e.g. Qwen2.5).")
 
 
 STUDY_OUTCOMES = ("mtbench", "win_rate", "lc_win_rate", "reward_win_rate", "reward_mean", "heldout_loss")
@@ -444,8 +510,8 @@ class StudyConfig(Strict):
     pairs: list[TeacherPair] = Field(default_factory=list, description="Larger/smaller teachers of one family.")
     baseline: bool = Field(True, description="Also evaluate the untuned student (context only, not correlated).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the correlations' 95% intervals.")
-    seed: int = 0
-    out: Path | None = None
+    seed: int = Field(0, description="Seed of the held-out split and the bootstrap resamples.")
+    out: Path | None = Field(None, description="Run directory (default: runs/study-<config digest>); re-run to resume.")
 
     @field_validator("teachers")
     @classmethod
@@ -454,6 +520,86 @@ class StudyConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique: {names}")
         return v
+
+
+# The config class of each command: `teacherfit config COMMAND` lists its fields from here, so the listing is the
+# validation itself and cannot drift from it.
+COMMAND_CONFIGS: dict[str, type[BaseModel]] = {
+    "generate": GenerateConfig, "rank": RankConfig, "correlate": CorrelateConfig, "distill": DistillConfig,
+    "cache-teacher": CacheTeacherConfig, "align": AlignConfig, "evaluate": EvaluateConfig, "study": StudyConfig,
+    "quickstart": QuickstartConfig,
+}
+
+
+def _type_name(ann: Any) -> str:
+    """A field's type as a user writes it in YAML: ``float``, ``str | null``, ``'auto' | 'plain'``, ``list[...]``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple, set):
+        return f"list[{', '.join(_type_name(a) for a in args[:1])}]"
+    if origin is dict:
+        return f"mapping[{', '.join(_type_name(a) for a in args)}]"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "section"
+    if ann is Path:
+        return "path"
+    if ann is Any:
+        return "any"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _sections_in(ann: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The config section a field holds (``list[TeacherConfig]``: (TeacherConfig, True)), if any."""
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    for arg in typing.get_args(ann):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, typing.get_origin(ann) in (list, tuple)
+        inner, listed = _sections_in(arg)
+        if inner is not None:
+            return inner, listed or typing.get_origin(arg) in (list, tuple)
+    return None, False
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[dict[str, str]]:
+    """Every field of a config class, nested sections flattened to dotted names (``train.lr``; items of a list of
+    sections as ``teachers[].name``), with its type, default and description."""
+    from pydantic_core import PydanticUndefined
+
+    rows = []
+    for name, info in cls.model_fields.items():
+        key = prefix + (info.alias or name)
+        if info.default is not PydanticUndefined:
+            default = info.default
+        elif info.default_factory is not None:
+            default = info.default_factory()
+        else:
+            default = PydanticUndefined
+        section, listed = _sections_in(info.annotation)
+        if default is PydanticUndefined:
+            shown = "required"
+        elif isinstance(default, BaseModel):
+            shown = "(section)"
+        elif isinstance(default, Path):
+            shown = str(default)
+        else:
+            shown = json.dumps(default, default=str)
+        rows.append({"field": key, "type": _type_name(info.annotation), "default": shown,
+                     "description": " ".join((info.description or "").split())})
+        if section is not None:
+            doc = " ".join((section.__doc__ or "").split()) if section.__doc__ != BaseModel.__doc__ else ""
+            if doc and not rows[-1]["description"]:
+                rows[-1]["description"] = doc
+            rows.extend(describe_fields(section, f"{key}[]." if listed else f"{key}."))
+    return rows
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -545,6 +691,72 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+# TRL / Transformers TrainingArguments names a user brings along, and teacherfit's field for each (dotted, from the
+# command's top level). Refused with the name to use rather than accepted as aliases: one spelling per field in
+# configs, resolved configs and digests, so two runs that mean the same thing compare equal.
+TRL_NAMES: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs",
+    "output_dir": "out",
+    "logging_steps": "train.log_every",
+    "save_steps": "train.checkpoint_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "max_steps": "train.max_steps",
+    "max_seq_length": "train.max_length",
+    "max_length": "train.max_length",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "seed": "train.seed",
+    "report_to": "train.report_to",
+    "model_name_or_path": "student",
+    "teacher_model_name_or_path": "teacher",
+    "teacher_model": "teacher",
+    "bf16": "models.dtype",
+    "fp16": "models.dtype",
+    "use_peft": "lora",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "temperature": "kd.temperature",
+    "beta": "kd.divergence_kwargs.beta",
+}
+# TRL names whose meaning differs from teacherfit's field of a similar name: said explicitly.
+TRL_MEANINGS: dict[str, str] = {
+    "lmbda": "TRL's GKD `lmbda` is the share of batches the student generates itself (on-policy); teacherfit "
+             "distils off-policy, and `kd.lambda` is something else: the weight of KD against CE",
+    "beta": "TRL's GKD `beta` interpolates its generalized JSD: here `kd.divergence: generalized_jsd` with "
+            "`kd.divergence_kwargs.beta` (rank's top-level `beta` is CAR's, a different thing)",
+}
+
+
+def _has_path(cls: type[BaseModel], dotted: str) -> bool:
+    """Whether ``dotted`` (e.g. ``train.lr``) names a field of ``cls``."""
+    parts = dotted.split(".")
+    return parts[-1] in _fields_at(cls, tuple(parts)) or (
+        len(parts) > 1 and parts[-2] == "divergence_kwargs" and _has_path(cls, ".".join(parts[:-1])))
+
+
+def _trl_hint(cls: type[BaseModel], loc: tuple) -> str:
+    """"that is TRL's name: use `train.lr`" when the unknown key is a TRL/Transformers name this command has."""
+    key = str(loc[-1])
+    if key in TRL_MEANINGS and (key != "beta" or _has_path(cls, "kd")):
+        return f"; {TRL_MEANINGS[key]}"
+    target = TRL_NAMES.get(key)
+    if target is None or not _has_path(cls, target):
+        return ""
+    where = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    if where and target.startswith(where + "."):
+        target = target[len(where) + 1:]  # written inside `train:`: name the key there
+    elif where:
+        target = f"{target} (at the top level)"
+    return f"; that is the TRL/Transformers name: teacherfit's is `{target}`"
+
+
 def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     import difflib
 
@@ -560,8 +772,10 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
         hint = ""
         if e["type"] == "extra_forbidden" and cls is not None:
             got = ""
-            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(cls, tuple(e["loc"])), n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
+            hint = _trl_hint(cls, tuple(e["loc"]))
+            if not hint:
+                close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(cls, tuple(e["loc"])), n=1, cutoff=0.6)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
         lines.append(f"  field `{field}`: {e['msg']}{got}{hint}")
     if len(lines) == 2:  # one problem: one line
         return f"{lines[0]} {lines[1].strip()}"
@@ -592,12 +806,26 @@ _PATH_KEYS = {"instructions", "responses", "path", "generate_run", "rank_run", "
               "expert_cache", "reference_cache", "labelled", "domain", "general"}
 
 
+# Keys whose value may be a dataset (a file, a save_to_disk folder, or a Hub id) rather than only a path.
+_DATA_KEYS = {"instructions", "responses", "path", "heldout", "labelled", "domain", "general", "questions"}
+
+
+def _relative_to(base: Path, value: str, key: str) -> str:
+    """A relative path in a config file is relative to that file; a Hub dataset id (``ORG/NAME?split=...``) that
+    names no file there stays as written (data keys only: an output folder is always a path)."""
+    from teacherfit.data import is_hub_id
+
+    path, query = (value.split("?", 1) + [""])[:2] if "?" in value else (value, "")
+    if Path(path).is_absolute() or (key in _DATA_KEYS and not (base / path).exists() and is_hub_id(value)):
+        return value
+    return str((base / path).resolve()) + (f"?{query}" if query else "")
+
+
 def _resolve_relative_paths(data: Any, base: Path) -> Any:
     """Paths in a config file are relative to that file, not to the working directory."""
     if isinstance(data, dict):
         return {
-            k: (str((base / v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
-                else _resolve_relative_paths(v, base))
+            k: (_relative_to(base, v, k) if k in _PATH_KEYS and isinstance(v, str) else _resolve_relative_paths(v, base))
             for k, v in data.items()
         }
     if isinstance(data, list):
@@ -636,14 +864,14 @@ def _take_lock(out: Path) -> int:
     return fd
 
 
-def _redact_urls(value: Any) -> Any:
+def redact_urls(value: Any) -> Any:
     """The resolved config with the secrets of every ``base_url`` masked (it is written to disk)."""
     from teacherfit.remote import redact_url
 
     if isinstance(value, dict):
-        return {k: redact_url(v) if k == "base_url" and isinstance(v, str) else _redact_urls(v) for k, v in value.items()}
+        return {k: redact_url(v) if k == "base_url" and isinstance(v, str) else redact_urls(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact_urls(v) for v in value]
+        return [redact_urls(v) for v in value]
     return value
 
 
@@ -681,7 +909,7 @@ def prepare_run_dir(cfg: BaseModel, command: str, runs_root: Path = Path("runs")
         return out
     if out not in _RUNS:  # this process may run several commands on one directory (the Python API): one lock
         _RUNS[out] = (_take_lock(out), created)
-    resolved = _redact_urls(json.loads(cfg.model_dump_json(by_alias=True)))
+    resolved = redact_urls(json.loads(cfg.model_dump_json(by_alias=True)))
     previous = out / "config.resolved.yaml"
     if previous.exists():
         try:

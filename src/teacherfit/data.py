@@ -1,7 +1,7 @@
 """Records, dataset formats, chat rendering and response-only labels (data layer).
 
-Every dataset we read (Alpaca, ShareGPT or OpenAI-messages rows; JSONL, JSON or Parquet files) becomes a
-list of ``Record``: chat messages plus everything else the row carried (teacher provenance, decoding
+Every dataset we read (Alpaca, ShareGPT or OpenAI-messages rows; JSONL, JSON, Parquet or Arrow files, a
+``datasets`` ``save_to_disk`` folder, or a Hugging Face Hub dataset id) becomes a list of ``Record``: chat messages plus everything else the row carried (teacher provenance, decoding
 settings...) in ``meta``. A record's id is derived from its prompt, so the same prompt has the same id
 in every file and format: ids join teacher responses, scores and student outputs across runs.
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 FORMATS = ("alpaca", "sharegpt", "messages")
-SUFFIXES = (".jsonl", ".json", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 # ShareGPT speaker names seen in the wild, mapped to chat roles.
 SHAREGPT_ROLES = {
@@ -235,6 +235,144 @@ def _iter_parquet(path: Path) -> Iterator[_RawRow]:
             index += 1
 
 
+# ---- Hugging Face `datasets`: Arrow files, save_to_disk folders, hub ids
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """``ORG/NAME?split=train_sft&subset=default&revision=abc123`` (every option optional): a Hub dataset."""
+
+    name: str
+    split: str | None = None
+    subset: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        opts = "&".join(f"{k}={v}" for k, v in (("split", self.split), ("subset", self.subset),
+                                                 ("revision", self.revision)) if v)
+        return self.name + (f"?{opts}" if opts else "")
+
+
+_HUB_OPTIONS = ("split", "subset", "revision")
+
+
+def parse_source(spec: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+    """Split ``PATH?split=...`` into the path part and its options (a save_to_disk DatasetDict needs a split)."""
+    text = os.fspath(spec)
+    if "?" not in text:
+        return Path(text), {}
+    from urllib.parse import parse_qsl
+
+    base, query = text.split("?", 1)
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(_HUB_OPTIONS))
+    if unknown:
+        raise DataError(f"{text}: unknown dataset option {unknown[0]!r}; use {', '.join(_HUB_OPTIONS)} "
+                        "(e.g. ORG/NAME?split=train&subset=default&revision=main)", text)
+    return Path(base), options
+
+
+def is_hub_id(spec: str | os.PathLike) -> bool:
+    """A Hub dataset id (``ORG/NAME`` or ``NAME``, options allowed) rather than a local path: no such path exists,
+    no data-file suffix, and only the characters hub ids allow."""
+    import re
+
+    path, _ = parse_source(spec)
+    text = os.fspath(spec).split("?", 1)[0]
+    if path.exists() or path.suffix.lower() in SUFFIXES or text.startswith((".", "/", "~")):
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text) is not None
+
+
+def _dataset_rows(dataset: Any, label: str) -> Iterator[_RawRow]:
+    """Rows of a ``datasets.Dataset`` as raw rows located as ``LABEL#INDEX`` (row errors name both)."""
+    index = 0
+    for batch in dataset.iter(batch_size=1024):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            value = {k: v for k, v in zip(columns, values) if v is not None}
+            yield _RawRow(f"{label}#{index}", None, index, _unpack_meta_json(value))
+            index += 1
+
+
+def _pick_split(loaded: Any, split: str | None, label: str) -> Any:
+    """A DatasetDict's split: the one named, or the only one; several and none named is an error."""
+    if not hasattr(loaded, "keys"):  # already a Dataset
+        if split:
+            raise DataError(f"{label}: this dataset has no splits; remove ?split={split}", label)
+        return loaded
+    splits = list(loaded.keys())
+    if split is None:
+        if len(splits) == 1:
+            return loaded[splits[0]]
+        raise DataError(f"{label}: the dataset has splits {', '.join(splits)}; name one, e.g. {label}?split={splits[0]}",
+                        label)
+    if split not in loaded:
+        raise DataError(f"{label}: no split {split!r}; it has {', '.join(splits)}", label)
+    return loaded[split]
+
+
+def _iter_arrow(path: Path) -> Iterator[_RawRow]:
+    from datasets import Dataset
+
+    try:
+        dataset = Dataset.from_file(str(path))
+    except Exception as exc:  # pyarrow raises several types for a file that is not an Arrow stream
+        raise DataError(f"{path}: cannot read as an Arrow file written by `datasets` ({exc})", path) from exc
+    yield from _dataset_rows(dataset, str(path))
+
+
+def _iter_saved(folder: Path, options: dict[str, str]) -> Iterator[_RawRow]:
+    from datasets import load_from_disk
+
+    if not any((folder / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        raise DataError(f"{folder}: a folder, but not one written by `datasets`' save_to_disk (no dataset_info.json "
+                        f"or dataset_dict.json); give a data file ({', '.join(SUFFIXES)}) or such a folder", folder)
+    extra = set(options) - {"split"}
+    if extra:
+        raise DataError(f"{folder}: a saved dataset takes only ?split=..., not {sorted(extra)[0]}", folder)
+    try:
+        loaded = load_from_disk(str(folder))
+    except Exception as exc:
+        raise DataError(f"{folder}: cannot load the saved dataset ({exc})", folder) from exc
+    label = str(folder) + (f"?split={options['split']}" if "split" in options else "")
+    yield from _dataset_rows(_pick_split(loaded, options.get("split"), str(folder)), label)
+
+
+def _iter_hub(spec: str) -> Iterator[_RawRow]:
+    """A Hub dataset through ``datasets.load_dataset`` (its cache, its download bars; offline: its cache only)."""
+    from datasets import load_dataset
+
+    path, options = parse_source(spec)
+    hub = HubSpec(os.fspath(path), options.get("split"), options.get("subset"), options.get("revision"))
+    try:
+        loaded = load_dataset(hub.name, hub.subset, split=hub.split, revision=hub.revision)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        hint = (" (HF_HUB_OFFLINE is set and it is not in the local cache: download it once online, or save it "
+                "with save_to_disk and give the folder)") if offline else \
+            " (check the id, ?subset=, ?split= and ?revision=; a gated dataset needs `hf auth login` or HF_TOKEN)"
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"{hub}: cannot load the Hub dataset: {reason}{hint}", str(hub)) from None
+    yield from _dataset_rows(_pick_split(loaded, None, str(hub)), str(hub))
+
+
+def _open_rows(spec: str | os.PathLike) -> tuple[Iterator[_RawRow], Path]:
+    """The rows of any data source teacherfit reads, and the path naming it in messages."""
+    path, options = parse_source(spec)
+    if path.is_dir():
+        return _iter_saved(path, options), path
+    if not path.is_file() and is_hub_id(spec):
+        return _iter_hub(os.fspath(spec)), Path(os.fspath(spec))
+    suffix = _check_suffix(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file", path)
+    if options:
+        raise DataError(f"{path}: options ({'&'.join(options)}) apply to a Hub dataset or a saved folder only", path)
+    reader = {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet, ".arrow": _iter_arrow}[suffix]
+    return reader(path), path
+
+
 def _unpack_meta_json(row: dict[str, Any]) -> Any:
     """Undo ``write_records``' Parquet layout: the ``meta_json`` column holds the meta fields as JSON."""
     if "meta_json" not in row:
@@ -370,17 +508,13 @@ def load_records(
     is malformed and skipped, that is an error (a run on nothing would look like success), unless
     ``allow_empty`` (``inspect-data``: the report is the point); the report's format is then "unknown".
     """
-    path = Path(path)
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    suffix = _check_suffix(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file", path)
-    rows = {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}[suffix](path)
+    rows, path = _open_rows(path)
 
     fmt = None if format == "auto" else format
     report = LoadReport(path=str(path), format=fmt or "unknown", n_rows=0, records=[])
@@ -436,6 +570,8 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> Path:
     """
     path = Path(path)
     suffix = _check_suffix(path)
+    if suffix == ".arrow":
+        raise DataError(f"{path}: write response sets as .jsonl, .json or .parquet (Arrow is read only)", path)
     rows = [r.to_row() for r in records]
     if suffix == ".jsonl":
         data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")

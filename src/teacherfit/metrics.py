@@ -1,7 +1,7 @@
 """Teacher-selection metrics: CAR and its baselines, rank correlations, bootstrap intervals.
 
 Pure numpy/scipy functions with no model code, so that every number a ranking report shows can be
-recomputed from the per-teacher means saved next to it (PAPERS.md section 1).
+recomputed from the per-teacher means saved next to it (docs/papers.md section 1).
 
 Which direction is "better" differs between metrics; ``METRIC_DIRECTION`` records the convention
 teacherfit uses when it ranks teachers by a metric. Correlation helpers report raw correlations:
@@ -10,6 +10,7 @@ multiply a metric by its direction first if a positive rho should mean "ranks te
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -17,7 +18,7 @@ from scipy import stats
 DEFAULT_BETA: float = 1.0
 """Weight of the compatibility term in CAR.
 
-The paper's value is not confirmed (PAPERS.md): 1.0 is a neutral placeholder that gives loss a
+The paper's value is not confirmed (docs/papers.md section 1.2): 1.0 is a neutral placeholder that gives loss a
 visible effect at typical token losses (about 0.5 to 2 nats). Fit it to observed outcomes with
 ``calibrate_beta`` / ``loo_calibrated_car`` when outcomes exist.
 """
@@ -51,7 +52,7 @@ METRIC_DIRECTION: dict[str, int] = {
 }
 """+1: a higher value should mean a better teacher; -1: a lower value should."""
 
-# The paper's Table 4 (Spearman rho of each metric with AP over 19 open teachers), from PAPERS.md.
+# The paper's Table 4 (Spearman rho of each metric with AP over 19 open teachers), as in docs/papers.md section 1.5.
 _TABLE4_METRICS = (
     "ArmoRM", "Sky-8B", "Sky-27B", "IFD-GPT2", "IFD-self", "PPL-GPT2", "PPL-self", "length", "CAR",
 )
@@ -134,6 +135,51 @@ def car_sign_safe(
 def car_variant_for(rewards) -> str:
     """``"plain"`` if every reward is > 0 (CAR as published), else ``"sign_safe"``."""
     return "plain" if np.all(np.asarray(rewards, dtype=float) > 0) else "sign_safe"
+
+
+def car_pick_probabilities(
+    rewards,
+    losses,
+    beta: float = DEFAULT_BETA,
+    *,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How sure the CAR ranking is: a paired bootstrap over instructions.
+
+    ``rewards`` and ``losses`` are (teachers x instructions), every teacher answering the same instructions in the
+    same column order (NaN where a score is missing: left out of that teacher's means). Each resample draws the
+    instruction columns with replacement, the same columns for every teacher (their responses answer the same
+    prompts, so their errors are paired), and computes each teacher's CAR of the resampled means, as the point
+    estimate is computed. Returns the point CARs, the ``leader`` and ``runner_up`` (by point CAR), ``p_best``
+    (per teacher, the share of resamples where it has the highest CAR) and ``p_leader_beats_runner_up``.
+    """
+    r = np.asarray(rewards, dtype=float)
+    l = np.asarray(losses, dtype=float)
+    if r.ndim != 2 or r.shape != l.shape or r.shape[0] < 2 or r.shape[1] < 1:
+        raise ValueError("rewards and losses must be (teachers x instructions) with at least 2 teachers")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    transform = transform or (lambda x: x)
+    ok = np.isfinite(r) & np.isfinite(l)
+    r, l = np.where(ok, r, np.nan), np.where(ok, l, np.nan)
+
+    def cars(rr: np.ndarray, ll: np.ndarray) -> np.ndarray:  # (..., teachers, instructions) -> (..., teachers)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resampled rows: NaN CAR, never best
+            return np.asarray(transform(np.nanmean(rr, axis=-1))) / (1.0 + beta * np.nanmean(ll, axis=-1))
+
+    point = cars(r, l)
+    order = np.argsort(np.where(np.isfinite(point), -point, np.inf), kind="stable")
+    leader, runner_up = int(order[0]), int(order[1])
+    idx = np.random.default_rng(seed).integers(0, r.shape[1], size=(n_resamples, r.shape[1]))
+    boot = cars(r[:, idx].transpose(1, 0, 2), l[:, idx].transpose(1, 0, 2))  # (resamples, teachers)
+    best = np.argmax(np.where(np.isfinite(boot), boot, -np.inf), axis=1)
+    p_best = np.bincount(best, minlength=r.shape[0]) / n_resamples
+    beats = np.nan_to_num(boot[:, leader], nan=-np.inf) > np.nan_to_num(boot[:, runner_up], nan=-np.inf)
+    return {"car": point.tolist(), "leader": leader, "runner_up": runner_up, "p_best": p_best.tolist(),
+            "p_leader_beats_runner_up": float(beats.mean()), "n_resamples": n_resamples}
 
 
 def perplexity(mean_nll):

@@ -18,12 +18,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from teacherfit.metrics import POSITIVE_REWARD_FLOOR, car, car_variant_for, positive_rewards
+from teacherfit.store import flatten
 
 PNG_DATA_URI_PREFIX = "data:image/png;base64,"
 
@@ -44,6 +46,12 @@ table.kv th { width: 14em; }
 figure { margin: 16px 0; }
 img { max-width: 100%; height: auto; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 8px 14px; margin: 16px 0; }
+.verdict { font-size: 17px; padding: 10px 16px; margin: 16px 0; border-left: 5px solid; }
+.verdict.good { background: #e8f5e9; border-color: #2e7d32; }
+.verdict.unsure { background: #fff3e0; border-color: #ef6c00; }
+pre.code { background: #f3f4f7; padding: 10px 14px; overflow-x: auto; font-size: 13px; white-space: pre-wrap; }
+table.wide td { max-width: 28em; overflow-wrap: anywhere; }
+table.prov td.role { font-weight: 600; background: #eef1f5; }
 """
 
 
@@ -249,11 +257,13 @@ class Report:
         *,
         caption: str = "",
         float_fmt: str = "{:.4g}",
+        wide: bool = False,
     ) -> None:
-        """A table of ``rows``; columns default to every key, in order of first appearance."""
+        """A table of ``rows``; columns default to every key, in order of first appearance. ``wide``: long text
+        cells wrap within a bounded width (instruction and response text)."""
         if columns is None:
             columns = list(dict.fromkeys(key for row in rows for key in row))
-        parts = ["<table>"]
+        parts = ['<table class="wide">' if wide else "<table>"]
         if caption:
             parts.append(f"<caption>{_escape(caption)}</caption>")
         parts.append("<thead><tr>" + "".join(f"<th>{_escape(c)}</th>" for c in columns) + "</tr></thead>")
@@ -280,6 +290,27 @@ class Report:
             for key, value in items.items()
         )
         self._blocks.append(f'<table class="kv"><tbody>{rows}</tbody></table>')
+
+    def add_verdict(self, text: str, *, good: bool) -> None:
+        """The report's answer, first and large: green when the data support it, orange when they do not."""
+        self._blocks.append(f'<div class="verdict {"good" if good else "unsure"}">{_escape(text)}</div>')
+
+    def add_code(self, text: str) -> None:
+        """Commands to copy (the next step)."""
+        self._blocks.append(f'<pre class="code">{_escape(text)}</pre>')
+
+    def add_provenance(self, items: dict[str, Any]) -> None:
+        """What produced the numbers, readable: one row per (what, field), nested fields dotted, hashes whole."""
+        rows = []
+        for role, value in items.items():
+            flat = ([(k, v) for k, v in flatten(value).items() if v not in (None, "", [], {})]
+                    if isinstance(value, dict) else [("", value)])
+            for k, (key, item) in enumerate(flat or [("", "")]):
+                cell = f'<td class="role" rowspan="{len(flat)}">{_escape(role)}</td>' if k == 0 else ""
+                text = ", ".join(map(str, item)) if isinstance(item, (list, tuple)) else item
+                rows.append(f"<tr>{cell}<td>{_escape(key)}</td><td>{_format_cell(text, '{}')[0]}</td></tr>")
+        self._blocks.append('<table class="prov"><caption>Provenance</caption><thead><tr><th>what</th><th>field</th>'
+                            f'<th>value</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
     def add_note(self, text: str) -> None:
         """A highlighted box for things a reader must not miss (e.g. which CAR variant was used)."""

@@ -1,4 +1,4 @@
-"""DAE routing: which training samples are domain samples (PAPERS.md section 2, "DAE").
+"""DAE routing: which training samples are domain samples (docs/papers.md section 2.4, "DAE").
 
 Domain Alignment from Expert gives each sample one target distribution: the domain expert's for domain
 samples, the general reference model's for the others. This module decides the route of each sample,

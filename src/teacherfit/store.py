@@ -66,6 +66,17 @@ def cached_json(path: str | os.PathLike, compute) -> Any:
     return value
 
 
+def flatten(value: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested mappings as dotted keys (provenance tables, tracker configs)."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.update(flatten(item, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
+
+
 def sha256_json(value: Any) -> str:
     """sha256 hex digest of ``value``'s canonical JSON (sorted keys, no whitespace): a digest of settings."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

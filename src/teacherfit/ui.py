@@ -53,10 +53,19 @@ def progress_bar(description: str, total: int, *, unit: str = "rows", completed:
         yield advance
 
 
-def rich_table(rows: list[dict], columns: list[str], *, title: str = "", float_fmt: str = "{:.3f}") -> Table:
-    table = Table(title=title, show_lines=False)
+def rich_table(rows: list[dict], columns: list[str], *, title: str = "", float_fmt: str = "{:.3f}",
+               compact: bool = False) -> Table:
+    """A table for the terminal. ``compact``: no vertical rules, and names fold onto a second line rather than
+    being cut with an ellipsis (two teachers "qwen2…" are indistinguishable)."""
+    from rich import box
+
+    table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+                  pad_edge=not compact)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("teacher", "metric", "name") else "right")
+        left = col in ("teacher", "metric", "name", "set", "signal", "id", "route", "text", "category",
+                       "description", "install")
+        table.add_column(col, justify="left" if left else "right", overflow="fold",
+                         no_wrap=not left, min_width=len(col))
     for row in rows:
         cells = []
         for col in columns:

@@ -1,4 +1,4 @@
-"""Distillation: transfer a chosen teacher into the student (PAPERS.md section 2).
+"""Distillation: transfer a chosen teacher into the student (docs/papers.md section 2).
 
 This package holds the distillation engine: the loss functions (``teacherfit.distill.losses``: logit
 divergences on full or top-k teacher distributions, attention-map KL, and a memory-bounded chunked path

@@ -1,6 +1,6 @@
 """Attention-map distillation (the paper's L_attn) while the models keep their fused attention kernels.
 
-PAPERS.md section 2: ``L_attn`` is the mean over (layer, head, response query i) of
+docs/papers.md section 2.2: ``L_attn`` is the mean over (layer, head, response query i) of
 ``sum_{j<=i} A_T (log A_T - log A_S)``. Fused kernels (SDPA, FlashAttention) never materialise the
 attention probabilities, and asking for them (``output_attentions=True``) forces eager attention in every
 layer and keeps all ``[B, H, T, T]`` maps alive for backward. Instead:
@@ -65,7 +65,7 @@ _FP32_MIN = torch.finfo(torch.float32).min
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
-    """Student layer ``i`` -> teacher layer ``round((i + 1) * Lt / Ls) - 1`` (PAPERS.md), for every ``i``.
+    """Student layer ``i`` -> teacher layer ``round((i + 1) * Lt / Ls) - 1`` (docs/papers.md, 2.2), for every ``i``.
 
     Rounds half up, in exact integer arithmetic (so ``Ls = 2, Lt = 5`` maps layer 0 to teacher layer 2).
     The last student layer always maps to the last teacher layer; equal depths give the identity. A

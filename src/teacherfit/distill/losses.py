@@ -1,4 +1,4 @@
-"""Distillation losses: pure torch functions, no model code (PAPERS.md section 2).
+"""Distillation losses: pure torch functions, no model code (docs/papers.md section 2).
 
 Conventions shared by every function here:
 

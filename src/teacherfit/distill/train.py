@@ -1,6 +1,6 @@
 """The distillation training runtime: one loop for `distill` and `align`, built on accelerate.
 
-The loop is in view (STYLE.md): each optimizer step takes ``grad_accum`` micro-batches, computes the loss
+The loop is in view: each optimizer step takes ``grad_accum`` micro-batches, computes the loss
 terms as *sums*, divides them by the real token counts of the whole step (across micro-batches and
 processes), backpropagates, clips, steps AdamW and the cosine schedule. The data order is a pure function
 of (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -33,8 +33,9 @@ from teacherfit.config import AlignConfig, DistillConfig, KDConfig, TrainOptions
 from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
 from teacherfit.distill.examples import TrainExample
 from teacherfit.distill.losses import chunked_head_losses, linear_head_params
+from teacherfit.models import trim_heap
 from teacherfit.scoring import PostHead, head_transform, pad_batch
-from teacherfit.store import atomic_write_json, atomic_write_text
+from teacherfit.store import atomic_write_json, atomic_write_text, flatten
 from teacherfit.ui import console, progress_bar
 
 LOG_FILE = "log.jsonl"
@@ -455,15 +456,6 @@ def _append_line(path: Path, row: dict) -> None:
         os.close(fd)
 
 
-def _tracker(run_dir: Path):
-    """TensorBoard when installed (optional): scalars beside the JSONL log."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
 def train(
     cfg: DistillConfig | AlignConfig,
     run_dir: Path,
@@ -485,7 +477,10 @@ def train(
     cpu = cfg.models.device == "cpu" or not torch.cuda.is_available()
     mixed = "no" if cpu or cfg.models.dtype in ("float32", "fp32") else (
         "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    # experiment trackers through accelerate (tensorboard, trackio, wandb...): logs go to the run directory where
+    # the tracker writes locally; only the main process logs
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, log_with=list(opts.report_to) or None,
+                              project_dir=str(run_dir))
     torch.manual_seed(opts.seed)
     schedule = Schedule(len(examples), opts, accelerator.num_processes, accelerator.process_index)
     if len(examples) < opts.batch_size:
@@ -522,7 +517,14 @@ def train(
     log = _read_log(log_path, start)
     if accelerator.is_main_process:
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
-    tracker = _tracker(run_dir) if accelerator.is_main_process else None
+    if opts.report_to:
+        from teacherfit.config import redact_urls
+
+        # trackers' hyperparameter tables take flat scalars: nested sections dotted, lists as JSON
+        flat = flatten(redact_urls(cfg.model_dump(mode="json", by_alias=True)))
+        accelerator.init_trackers(f"teacherfit-{label}-{run_dir.name}", config={
+            k: "none" if v is None else v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+            for k, v in flat.items()})
     world = accelerator.num_processes
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     clock = time.perf_counter()
@@ -577,6 +579,8 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if accelerator.device.type == "cpu":
+                    trim_heap()
                 total = (1 - kd.lambda_) * totals["ce"] + kd.lambda_ * (kd.w_pred * totals["kd"] + kd.w_attn * totals["attn"])
                 row = {"step": step + 1, "loss": total, "ce": totals["ce"], "kd": totals["kd"], "attn": totals["attn"],
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens_global),
@@ -584,9 +588,9 @@ def train(
                 row.update({n: totals[n] for n in sorted(parts)})
                 if accelerator.is_main_process and (step + 1) % opts.log_every == 0:
                     _append_line(log_path, row)
-                    if tracker is not None:
-                        for key in ("loss", "ce", "kd", "attn", "lr", "grad_norm"):
-                            tracker.add_scalar(f"train/{key}", row[key], step + 1)
+                if opts.report_to and (step + 1) % opts.log_every == 0:
+                    accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "elapsed_s")},
+                                    step=step + 1)
                 log.append(row)
                 advance(1, int(tokens_global), info=f"loss {total:.4f}")
                 if (step + 1) % opts.checkpoint_every == 0 or step + 1 == schedule.total_steps:
@@ -596,8 +600,8 @@ def train(
             capture.__exit__(None, None, None)
         if teacher is not None:
             teacher.close()
-        if tracker is not None:
-            tracker.close()
+        if opts.report_to:
+            accelerator.end_training()
     result = TrainResult(run_dir, schedule.total_steps, log, resumed_from=start,
                          seconds=time.perf_counter() - clock)
     result.model_dir = save_final_model(accelerator, module, tokenizer, run_dir / "model")

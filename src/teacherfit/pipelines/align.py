@@ -1,4 +1,4 @@
-"""`teacherfit align`: Domain Alignment from Expert (DAE, PAPERS.md section 2).
+"""`teacherfit align`: Domain Alignment from Expert (DAE, docs/papers.md section 2.4).
 
 Three models: the student being trained, a frozen domain expert and a frozen general reference model, all
 sharing the student's tokenizer. Each training sample is routed (``teacherfit.routing``): domain samples
@@ -16,7 +16,6 @@ With ``dry_run`` it stops after routing: counts, share and the borderline sample
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from pathlib import Path
@@ -29,7 +28,7 @@ from teacherfit.data import Record, load_records, tokenize_example
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import example_key, tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, RoutedTeacher, StartingWeightsTeacher, train
-from teacherfit.models import load_model, load_text_config, load_tokenizer, resolve_model
+from teacherfit.models import load_model, load_text_config, load_tokenizer, release_memory, resolve_model
 from teacherfit.routing import DOMAIN, GENERAL, Routing, resample_to_share, route, sample_text, share_of
 from teacherfit.store import atomic_write_json, atomic_write_text, cached_json
 from teacherfit.ui import console, rich_table
@@ -130,7 +129,8 @@ def print_routing(summary: dict[str, Any]) -> None:
                                    if k in ("id", "route", "probability", "text")} | {"text": row["text"][:80]}
                                   for row in summary["borderline"]],
                                  ["id", "route", "probability", "text"],
-                                 title=f"borderline samples (P(domain) closest to {summary['threshold']})"))
+                                 title=f"borderline samples (P(domain) closest to {summary['threshold']})",
+                                 compact=True))
 
 
 # ---------------------------------------------------------------- compatibility, before any weights
@@ -193,7 +193,7 @@ def heldout_losses(model_spec: str | Path, sets: dict[str, Path], cfg: AlignConf
                      "loss": nll / n if n else math.nan,
                      "mean_sample_loss": sum(per) / len(per) if per else math.nan}
     del loaded
-    gc.collect()
+    release_memory()
     return out
 
 
@@ -335,7 +335,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
     if torch.cuda.is_available():
         memory["train_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     student = None  # free the training copy before the held-out scoring loads the final model
-    gc.collect()
+    release_memory()
 
     # 5) held-out losses of the trained student, and optional judged scores before and after
     after = heldout_losses(result.model_dir, sets, cfg)

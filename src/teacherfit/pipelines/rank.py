@@ -16,7 +16,6 @@ scored, and a run killed mid-stage resumes at the chunk of rows it was on.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ class RankResult:
     car_variant: str
     notes: list[str]
     plan: list[dict[str, Any]] = field(default_factory=list)  # per stage: model, rows, cached, to score
+    results: dict[str, Any] = field(default_factory=dict)  # results.json: the recommendation included
 
 
 def response_sets(cfg: RankConfig) -> list[ResponseSetConfig]:
@@ -223,7 +223,9 @@ def run_stage(stage: Stage, sets: dict[str, list[Record]], cfg: RankConfig, scor
                     for (name, rec, key), values in zip(chunk, score([rec for _, rec, _ in chunk], advance)):
                         store.append({"teacher": name, "id": rec.id, "content": key[2], **values})
             del held, score
-            gc.collect()
+            from teacherfit.models import release_memory
+
+            release_memory()
         done = {store.key_of(row): row for row in store.rows()}
     finally:
         store.close()
@@ -248,11 +250,65 @@ def car_with_interval(rewards: np.ndarray, losses: np.ndarray, beta: float, tran
     return point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
-def aggregate(samples: list[dict], names: list[str], cfg: RankConfig) -> tuple[list[dict], str]:
-    """Per-teacher means with bootstrap intervals, and CAR with the variant the rewards call for."""
+def reward_transform(samples: list[dict], names: list[str], cfg: RankConfig):
+    """The CAR variant the teachers' mean rewards call for, and the reward map it applies (identity when plain)."""
     mean_rewards = [float(np.mean(_finite([s["reward"] for s in samples if s["teacher"] == n]))) for n in names]
     variant = metrics.car_variant_for(mean_rewards) if cfg.car_variant == "auto" else cfg.car_variant
     transform = metrics.positive_reward_map(mean_rewards) if variant == "sign_safe" else (lambda x: x)
+    return variant, transform
+
+
+def recommend(samples: list[dict], names: list[str], cfg: RankConfig, transform, beta_is_default: bool) -> dict[str, Any]:
+    """Which teacher to use, how sure (paired bootstrap over instructions), or that the data support no pick.
+    ``transform``: the reward map of the CAR variant (``reward_transform``), as the point CARs use."""
+    ids = sorted({s["id"] for s in samples})
+    col = {i: k for k, i in enumerate(ids)}
+    rewards = np.full((len(names), len(ids)), np.nan)
+    losses = np.full((len(names), len(ids)), np.nan)
+    row = {n: k for k, n in enumerate(names)}
+    for s in samples:
+        rewards[row[s["teacher"]], col[s["id"]]] = s["reward"]
+        losses[row[s["teacher"]], col[s["id"]]] = s["loss_student"]
+    out: dict[str, Any] = {"confidence": cfg.pick_confidence, "beta_is_default": beta_is_default}
+    if len(names) < 2:
+        return {**out, "teacher": names[0] if names else None, "supported": bool(names), "p_beats_runner_up": None,
+                "runner_up": None, "p_best": {n: 1.0 for n in names},
+                "text": "only one teacher was ranked: nothing to choose between"}
+    picked = metrics.car_pick_probabilities(rewards, losses, cfg.beta, transform=transform,
+                                            n_resamples=max(cfg.bootstrap, 200), seed=cfg.seed)
+    leader, runner = names[picked["leader"]], names[picked["runner_up"]]
+    p = picked["p_leader_beats_runner_up"]
+    supported = p >= cfg.pick_confidence
+    if supported:
+        text = (f"use {leader}: its CAR beats the runner-up {runner} in {p:.0%} of {picked['n_resamples']} paired "
+                f"bootstrap resamples of the {len(ids)} instructions")
+    else:
+        text = (f"no pick is supported: {leader} leads, but beats the runner-up {runner} in only {p:.0%} of "
+                f"{picked['n_resamples']} paired bootstrap resamples of the {len(ids)} instructions (a pick needs "
+                f"{cfg.pick_confidence:.0%}); rank more instructions, or train on the per-instruction best "
+                "(data.best_of_rank)")
+    return {**out, "teacher": leader, "runner_up": runner, "p_beats_runner_up": p, "supported": supported,
+            "p_best": dict(zip(names, picked["p_best"])), "text": text}
+
+
+def next_commands(cfg: RankConfig, run_dir: Path, pick: dict[str, Any], sets_paths: dict[str, str]) -> list[str]:
+    """The commands that act on the ranking: distill the chosen teacher's responses, or the per-instruction best."""
+    from shlex import quote as q
+
+    student = cfg.student
+    out = []
+    if pick.get("teacher"):
+        name = pick["teacher"]
+        out.append(f"teacherfit distill --student {q(student)} --responses {q(f'{name}={sets_paths[name]}')} "
+                   f"--set kd.lambda=0 --out {q(f'runs/distill-{name}')}")
+    out.append(f"teacherfit distill --student {q(student)} --set data.best_of_rank={q(str(run_dir))} --set kd.lambda=0")
+    if pick.get("beta_is_default"):
+        out.append(f"teacherfit correlate --rank-run {q(str(run_dir))} --outcomes OUTCOMES.csv")
+    return out
+
+
+def aggregate(samples: list[dict], names: list[str], cfg: RankConfig, transform) -> list[dict]:
+    """Per-teacher means with bootstrap intervals, and CAR with ``transform``, the reward map of the CAR variant."""
     rows = []
     for k, name in enumerate(names):
         mine = [s for s in samples if s["teacher"] == name]
@@ -272,7 +328,7 @@ def aggregate(samples: list[dict], names: list[str], cfg: RankConfig) -> tuple[l
         row["truncated"] = sum(bool(s["truncated"]) for s in mine)
         row["empty"] = sum(bool(s["empty"]) for s in mine)
         rows.append(row)
-    return rows, variant
+    return rows
 
 
 def build_samples(sets: dict[str, list[Record]], student: dict, ref: dict | None, rewards: dict) -> list[dict]:
@@ -348,6 +404,36 @@ def plan_rank(cfg: RankConfig, stages: list[Stage], sets: dict[str, list[Record]
     return RankResult(run_dir, [], [], "", notes, plan)
 
 
+TERMINAL_COLUMNS = {"teacher": "teacher", "car": "CAR", "p_best": "P(best)", "reward": "reward",
+                    "loss_student": "L", "length": "len", "ifd_student": "IFD"}
+
+
+def print_ranking(results: dict[str, Any], run_dir: Path, out=None) -> None:
+    """The terminal summary: a table that fits 80 columns (full names, never cut), the pick, notes, next steps."""
+    out = out or console
+    pick = results["recommendation"]
+    rows = [{TERMINAL_COLUMNS[k]: row.get(k) for k in TERMINAL_COLUMNS} for row in results["teachers"]]
+    title = f"teachers for {results['student'].get('model')} (CAR {results['car_variant']}, beta={results['beta']})"
+    out.print(rich_table(rows, list(TERMINAL_COLUMNS.values()), title=title, float_fmt="{:.3g}", compact=True))
+    out.print(f"[bold]{'pick' if pick['supported'] else 'no pick'}:[/] {pick['text']}", soft_wrap=False)
+    for note in results["notes"]:
+        out.print(f"[yellow]note:[/] {note}")
+    out.print(f"report: {run_dir / 'report.html'} (every metric with 95% intervals, per-sample text)")
+    out.print("next:")
+    for command in pick["next"]:
+        out.print(f"  {command}", soft_wrap=True, highlight=False, markup=False)
+
+
+def sample_texts(sets: dict[str, list[Record]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(teacher, id) -> (instruction, response) text, for the report's per-sample rows."""
+    texts = {}
+    for name, records in sets.items():
+        for rec in records:
+            prompt = "\n".join(m["content"] for m in rec.prompt if m["role"] == "user")
+            texts[name, rec.id] = (prompt, rec.response or "")
+    return texts
+
+
 def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
     """Rank the teachers; ``dry_run`` runs every check that needs no weights, prints the plan and returns."""
     stages = preflight(cfg)
@@ -374,7 +460,8 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
     if unscored:
         notes.append(f"{unscored} rewards are NaN (judge answers that could not be parsed) and are left out of means")
     per_sample_car(samples, cfg.beta)
-    teachers, variant = aggregate(samples, names, cfg)
+    variant, transform = reward_transform(samples, names, cfg)
+    teachers = aggregate(samples, names, cfg, transform)
     notes.append(f"CAR variant: {variant} (beta = {cfg.beta})" + (
         ": some rewards are <= 0, so rewards were mapped to a positive scale across the teachers before dividing"
         if variant == "sign_safe" else ""))
@@ -383,6 +470,15 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         notes.append(f"{truncated} examples were longer than max_length={student_meta['max_length']} tokens "
                      "and were scored on their first max_length tokens")
     teachers.sort(key=lambda r: -r["car"] if math.isfinite(r["car"]) else math.inf)
+    pick = recommend(samples, names, cfg, transform, beta_is_default="beta" not in cfg.model_fields_set)
+    for row in teachers:
+        row["p_best"] = pick["p_best"].get(row["teacher"], math.nan)
+    if pick["beta_is_default"]:
+        notes.append(f"beta = {cfg.beta} is the uncalibrated default, not a measured value: CAR's trade-off between "
+                     "reward and student loss is a placeholder until `teacherfit correlate` (or a study) calibrates "
+                     "beta on teachers whose outcome you know")
+    set_paths = {s.name: str(Path(s.path).resolve()) for s in response_sets(cfg)}
+    pick["next"] = next_commands(cfg, run_dir, pick, set_paths)
 
     results = {
         "beta": cfg.beta,
@@ -391,7 +487,8 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         "student": student_meta["model"],
         "reference_lm": ref_meta["model"] if ref_meta else None,
         "reward": reward_meta["reward"],
-        "response_sets": {s.name: str(Path(s.path).resolve()) for s in response_sets(cfg)},
+        "response_sets": set_paths,
+        "recommendation": pick,
         "load_reports": {n: rep.to_dict() for n, rep in reports.items()},
         "notes": notes,
         "teachers": teachers,
@@ -402,10 +499,6 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
     write_parquet(run_dir / "teachers.parquet", teachers)
     from teacherfit.pipelines.reports import rank_report
 
-    rank_report(results, samples).write(run_dir / "report.html")
-    columns = ["teacher", "car", "reward", "loss_student", "length", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
-    console.print(rich_table(teachers, columns, title=f"teachers for {cfg.student} (CAR {variant}, beta={cfg.beta})"))
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(f"results: {run_dir}")
-    return RankResult(run_dir, teachers, samples, variant, notes)
+    rank_report(results, samples, texts=sample_texts(sets)).write(run_dir / "report.html")
+    print_ranking(results, run_dir)
+    return RankResult(run_dir, teachers, samples, variant, notes, results=results)

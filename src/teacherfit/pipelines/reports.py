@@ -10,20 +10,32 @@ TEACHER_COLUMNS = ["teacher", "n", "car", "car_low", "car_high", "reward", "loss
                    "ppl_student", "ifd_student", "ppl_ref", "ifd_ref", "truncated", "empty"]
 
 
-def rank_report(results: dict[str, Any], samples: list[dict]) -> R.Report:
+def _clip(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters (escaping is the table's job)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "\u2026"
+
+
+def rank_report(results: dict[str, Any], samples: list[dict],
+                texts: dict[tuple[str, str], tuple[str, str]] | None = None) -> R.Report:
     teachers = results["teachers"]
+    pick = results.get("recommendation") or {}
     rep = R.Report("teacherfit rank", f"{len(teachers)} teachers, {results['n_instructions']} instructions, "
                                       f"student {results['student'].get('model')}")
-    rep.add_kv({
-        "CAR": f"reward / (1 + beta * student loss), beta = {results['beta']}, variant: {results['car_variant']}",
-        "student": results["student"],
-        "reference LM": results["reference_lm"] or "none",
-        "reward": results["reward"],
-    })
-    for note in results["notes"]:
-        rep.add_note(note)
+    if pick:
+        rep.add_heading("Which teacher to use")
+        rep.add_verdict(pick["text"][0].upper() + pick["text"][1:] + ".", good=bool(pick["supported"]))
+        if pick.get("beta_is_default"):
+            rep.add_note(f"beta = {results['beta']} is the uncalibrated default: CAR's trade-off between reward and "
+                         "student loss is a placeholder. Calibrate it with `teacherfit correlate` on teachers whose "
+                         "outcome you know (or a `teacherfit study`) before trusting a close call.")
+        rep.add_paragraph("Next:")
+        rep.add_code("\n".join(pick.get("next", [])))
     rep.add_heading("Teachers, best CAR first")
-    rep.add_table(teachers, TEACHER_COLUMNS, caption="Per-teacher means with 95% bootstrap intervals for CAR")
+    rep.add_table(teachers, _measured(teachers, ["teacher", "n", "car", "car_low", "car_high", "p_best"]
+                                      + TEACHER_COLUMNS[5:]),
+                  caption="Per-teacher means; CAR with its 95% bootstrap interval; P(best): share of paired bootstrap "
+                          "resamples of the instructions in which the teacher has the highest CAR")
     rep.add_image(R.plot_metric_with_ci(teachers, "car", title="CAR per teacher (95% bootstrap interval)",
                                         ylabel="CAR"), alt="CAR per teacher")
     rep.add_image(R.plot_metric_with_ci(teachers, "reward", title="Reward per teacher", ylabel="reward"),
@@ -31,10 +43,43 @@ def rank_report(results: dict[str, Any], samples: list[dict]) -> R.Report:
     rep.add_image(R.plot_reward_vs_loss(teachers, results["beta"], title="Reward against student loss, iso-CAR curves"),
                   alt="reward against student loss")
     rep.add_heading("Per-sample scores")
-    rep.add_paragraph("Every (instruction, teacher) row is in per_sample.parquet; the first rows:")
-    rep.add_table(samples[:20], ["teacher", "id", "reward", "loss_student", "car", "length", "ppl_student",
-                                 "ifd_student", "ppl_ref", "ifd_ref"], caption="Per-sample scores (first 20)")
+    shown = _first_instructions(samples, 20)
+    rows = []
+    for s in shown:
+        instruction, response = (texts or {}).get((s["teacher"], s["id"]), ("", ""))
+        rows.append({**s, "instruction": _clip(instruction, 160), "response": _clip(response, 240)})
+    rep.add_paragraph(f"The responses of every teacher to the first {len({s['id'] for s in shown})} instructions, side "
+                      "by side (text shortened); every (instruction, teacher) row is in per_sample.parquet.")
+    rep.add_table(rows, _measured(rows, ["id", "instruction", "teacher", "response", "reward", "loss_student", "car",
+                                         "length", "ifd_student", "ifd_ref"]), caption="Per-sample scores", wide=True)
+    rep.add_heading("How this was computed")
+    for note in results["notes"]:
+        rep.add_note(note)
+    rep.add_provenance({
+        "CAR": {"formula": "reward / (1 + beta * student loss)", "beta": results["beta"],
+                "variant": results["car_variant"]},
+        "student": results["student"],
+        "reference LM": results["reference_lm"] or {"model": "none"},
+        "reward": results["reward"],
+        "response sets": results.get("response_sets", {}),
+    })
     return rep
+
+
+def _measured(rows: list[dict], columns: list[str]) -> list[str]:
+    """The columns some row has a value for: a stage that did not run (no reference LM) leaves no empty column."""
+    def has(value) -> bool:
+        return value is not None and not (isinstance(value, float) and value != value)
+
+    return [c for c in columns if any(has(r.get(c)) for r in rows)]
+
+
+def _first_instructions(samples: list[dict], limit: int) -> list[dict]:
+    """All teachers' rows of the first instructions (in the samples' order), at most ``limit`` rows."""
+    order = list(dict.fromkeys(s["id"] for s in samples))
+    teachers = max(1, len({s["teacher"] for s in samples}))
+    keep = set(order[: max(1, limit // teachers)])
+    return sorted((s for s in samples if s["id"] in keep), key=lambda s: (order.index(s["id"]), s["teacher"]))
 
 
 def correlate_report(result: dict[str, Any]) -> R.Report:
