@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from teacherfit.data import load_records
@@ -21,7 +23,7 @@ def _count_complete_lines(path):
     return path.read_bytes().count(b"\n")
 
 
-def _config(tmp_path, model_dir, out):
+def _config(tmp_path, model_dir, out, worker="never", batch_size=1):
     instr = tmp_path / "instructions.jsonl"
     if not instr.exists():
         words = ["sea", "sky", "fox", "dog", "data", "code", "France", "colours", "poem", "network"]
@@ -29,8 +31,9 @@ def _config(tmp_path, model_dir, out):
         instr.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
         "instructions": str(instr),
-        "teachers": [{"name": "tiny", "model": str(model_dir), "batch_size": 1}],
+        "teachers": [{"name": "tiny", "model": str(model_dir), "batch_size": batch_size}],
         "decoding": {"max_new_tokens": 32},
+        "worker_process": worker,
         "out": str(out),
     }
     path = out.parent / f"{out.name}.yaml"
@@ -44,10 +47,26 @@ def _start(cfg_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
-def test_sigkill_and_resume_gives_exactly_one_row_each(tmp_path, tokenizer):
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once ``pid`` no longer runs (gone, or a zombie waiting to be reaped)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("worker,batch_size", [("never", 1), ("always", 4)], ids=["in-process", "worker-process"])
+def test_sigkill_and_resume_gives_exactly_one_row_each(tmp_path, tokenizer, worker, batch_size):
+    """SIGKILL lands mid-chunk (4 prompts per chunk with a worker); with a worker process, the parent is killed and
+    its worker must die with it (no orphan appending rows while the run resumes)."""
     model_dir = save_tiny(tiny_llama(tokenizer, seed=11), tokenizer, tmp_path / "model")
     out = tmp_path / "killed"
-    cfg_path = _config(tmp_path, model_dir, out)
+    cfg_path = _config(tmp_path, model_dir, out, worker, batch_size)
     partial = out / "responses" / "tiny.partial.jsonl"
 
     kills = 0
@@ -60,6 +79,11 @@ def test_sigkill_and_resume_gives_exactly_one_row_each(tmp_path, tokenizer):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
+            output = proc.stdout.read().decode()
+            workers = [int(w) for w in re.findall(r"generating in worker process (\d+)", output)]
+            assert len(workers) == (worker == "always"), output
+            for pid in workers:
+                assert _gone(pid), f"worker {pid} outlived its killed parent"
     assert kills >= 2, "the run finished before it could be killed: make it longer"
     done_before = _count_complete_lines(partial)
     assert 0 < done_before < N
@@ -79,7 +103,7 @@ def test_sigkill_and_resume_gives_exactly_one_row_each(tmp_path, tokenizer):
 
     # the interrupted run produced the same responses as an uninterrupted one (greedy)
     ref_out = tmp_path / "reference"
-    proc = _start(_config(tmp_path, model_dir, ref_out))
+    proc = _start(_config(tmp_path, model_dir, ref_out, worker, batch_size))
     assert proc.wait(timeout=300) == 0
     ref = {json.loads(l)["id"]: json.loads(l)["messages"][-1]["content"]
            for l in (ref_out / "responses" / "tiny.jsonl").read_text().splitlines()}

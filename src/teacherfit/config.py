@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from teacherfit.generation import DecodingConfig
+from teacherfit.generation import DecodingConfig, VLLMEngineConfig
 from teacherfit.metrics import DEFAULT_BETA
 from teacherfit.remote import RemoteConfig
 from teacherfit.store import atomic_write_text
@@ -52,6 +52,8 @@ class TeacherConfig(Strict):
     remote: RemoteConfig | None = Field(None, description="backend 'openai': the server to ask.")
     batch_size: int = Field(16, ge=1, description="transformers backend: prompts per batch.")
     decoding: DecodingConfig | None = Field(None, description="Overrides the run's decoding for this teacher.")
+    vllm: VLLMEngineConfig | None = Field(None, description="backend 'vllm': engine settings (tensor_parallel_size, "
+                                          "max_model_len, gpu_memory_utilization, dtype, quantization, engine_args, ...).")
 
     @field_validator("name")
     @classmethod
@@ -64,6 +66,13 @@ class TeacherConfig(Strict):
         need = {"transformers": "model", "vllm": "model", "openai": "remote", "file": "responses"}[self.backend]
         if getattr(self, need) is None:
             raise ConfigError(f"teacher {self.name!r}: backend {self.backend!r} needs `{need}`")
+        if self.vllm is not None and self.backend != "vllm":
+            raise ConfigError(f"teacher {self.name!r}: `vllm` engine settings need backend 'vllm' (it is {self.backend!r})")
+
+    @property
+    def engine(self) -> VLLMEngineConfig:
+        """The vLLM engine settings (defaults when the config gives none)."""
+        return self.vllm or VLLMEngineConfig()
 
 
 class RewardConfig(Strict):
@@ -79,11 +88,17 @@ class RewardConfig(Strict):
     remote: RemoteConfig | None = None
     max_length: int = Field(1024, ge=32, description="Tokens of judge/RM input kept (instruction + response).")
     max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch.")
+    device_map: Literal[None, "auto"] = Field(
+        None, description="'auto': load the classifier/judge with transformers' device_map=\"auto\" across all "
+        "visible GPUs (a reward model that does not fit one device); one process only (not under accelerate "
+        "launch / torchrun with several processes). models.device=cpu keeps it on the CPU.")
 
     @model_validator(mode="after")
     def _remote_for_api(self) -> RewardConfig:
         if self.kind == "openai_judge" and self.remote is None:
             raise ValueError("kind 'openai_judge' needs `remote` (base_url, model)")
+        if self.kind == "openai_judge" and self.device_map is not None:
+            raise ValueError("device_map places a local judge or classifier; kind 'openai_judge' loads no model")
         return self
 
 
@@ -101,6 +116,9 @@ class GenerateConfig(Strict):
         None, description="With decoding.n > 1: keep the candidate this reward scores highest (rejection sampling)."
     )
     max_prompt_tokens: int = Field(2048, ge=8, description="Longer prompts are counted, reported and not generated.")
+    worker_process: Literal["auto", "always", "never"] = Field(
+        "auto", description="Generate each model teacher in its own process, so its (GPU) memory is returned before the "
+        "next teacher or the reward model loads: 'auto' for vLLM teachers, 'always' for transformers teachers too.")
     models: ModelOptions = ModelOptions()
     out: Path | None = Field(None, description="Run directory; re-running with the same one resumes.")
 
@@ -764,10 +782,12 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         shown = e.get("input")
-        if isinstance(shown, str) and "url" in str(e["loc"][-1] if e["loc"] else ""):
+        if isinstance(shown, (str, list)) and any("url" in str(part) for part in e["loc"]):
             from teacherfit.remote import redact_url
 
-            shown = redact_url(shown)  # a URL may carry a password or a key: never echo it
+            # a URL (or a fleet's list of them) may carry a password or a key: never echo it
+            shown = redact_url(shown) if isinstance(shown, str) else [
+                redact_url(u) if isinstance(u, str) else u for u in shown]
         got = f" (got {shown!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         hint = ""
         if e["type"] == "extra_forbidden" and cls is not None:
@@ -869,7 +889,9 @@ def redact_urls(value: Any) -> Any:
     from teacherfit.remote import redact_url
 
     if isinstance(value, dict):
-        return {k: redact_url(v) if k == "base_url" and isinstance(v, str) else redact_urls(v) for k, v in value.items()}
+        return {k: redact_url(v) if k == "base_url" and isinstance(v, str)
+                else [redact_url(u) if isinstance(u, str) else u for u in v] if k == "base_url" and isinstance(v, list)
+                else redact_urls(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact_urls(v) for v in value]
     return value

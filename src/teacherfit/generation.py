@@ -13,7 +13,7 @@ Engines:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, ClassVar, Iterator, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,117 +78,229 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
-class TransformersGenerator:
-    """In-process batched generation with transformers.
+class ChunkedGenerator:
+    """The runner shared by the in-process engines (transformers, vLLM).
 
-    Prompts are rendered with the model's chat template (the documented plain template for base models),
-    sorted by length so that each batch pads little, left-padded (decoder-only models continue from the
-    last real token), and stopped on EOS / end-of-turn tokens.
+    Prompts are rendered and tokenized here, with the model's chat template (the documented plain template
+    for base models that have none), so both engines see the same token ids; they are sorted by length (long
+    first, so memory trouble shows at once and each chunk pads little) and handed to the engine a chunk at a
+    time. Every chunk's rows are yielded as soon as it finishes, so the caller writes them at once: a run
+    killed mid-way loses at most the chunk in flight, and the progress bar moves per chunk.
     """
 
-    backend = "transformers"
+    backend = "?"
+    chunk_size = 1
 
-    def __init__(self, loaded, *, batch_size: int = 16, max_prompt_tokens: int | None = None):
-        self.loaded = loaded
-        self.batch_size = batch_size
+    def __init__(self, tokenizer, *, max_prompt_tokens: int | None = None, model=None):
+        self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
-        self.stop_ids = stop_token_ids(loaded.tokenizer, loaded.model)
+        self.stop_ids = stop_token_ids(tokenizer, model)
 
-    def provenance(self) -> dict[str, Any]:
-        import transformers
-
+    def chat_template_note(self) -> str:
         from teacherfit.data import chat_template_for
 
-        plain = chat_template_for(self.loaded.tokenizer)[1]
-        return dict(self.loaded.provenance, backend=self.backend, engine_version=transformers.__version__,
-                    chat_template="plain (model has none)" if plain else "model's own")
+        return "plain (model has none)" if chat_template_for(self.tokenizer)[1] else "model's own"
 
     def generate(
         self, prompts: list[list[dict[str, str]]], decoding: DecodingConfig
     ) -> Iterator[tuple[int, list[Completion]]]:
-        import torch
-
         from teacherfit.data import tokenize_prompt
-        from teacherfit.scoring import pad_batch
 
-        tok, model = self.loaded.tokenizer, self.loaded.model
-        encoded = [tokenize_prompt(tok, p, max_length=self.max_prompt_tokens) for p in prompts]
+        encoded = [tokenize_prompt(self.tokenizer, p, max_length=self.max_prompt_tokens) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            ids, mask = pad_batch([encoded[i] for i in batch], pad_id, left=True)
-            width = ids.shape[1]
-            torch.manual_seed(decoding.seed)
-            sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids.to(self.loaded.device),
-                    attention_mask=mask.to(self.loaded.device),
-                    max_new_tokens=decoding.max_new_tokens,
-                    num_return_sequences=decoding.n,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=pad_id,
-                    **(dict(do_sample=False, temperature=None, top_p=None, top_k=None) if decoding.greedy else sampling),
-                )
-            new = out[:, width:].tolist()
-            for row, i in enumerate(batch):
-                completions = [
-                    self._completion(new[row * decoding.n + k], len(encoded[i]), decoding.max_new_tokens)
-                    for k in range(decoding.n)
-                ]
+        for start in range(0, len(order), self.chunk_size):
+            chunk = order[start : start + self.chunk_size]
+            for i, completions in zip(chunk, self._generate_chunk([encoded[i] for i in chunk], decoding)):
                 yield i, completions
 
-    def _completion(self, tokens: list[int], prompt_tokens: int, max_new: int) -> Completion:
+    def _generate_chunk(self, prompts: list[list[int]], decoding: DecodingConfig) -> list[list[Completion]]:
+        """``decoding.n`` completions for each tokenized prompt of one chunk, in the chunk's order."""
+        raise NotImplementedError
+
+    def _completion(self, tokens: list[int], prompt_tokens: int, finish: str | None = None) -> Completion:
+        """A completion from the generated ids: cut at the first stop id (which counts as generated)."""
         stop = next((k for k, t in enumerate(tokens) if t in self.stop_ids), None)
         kept = tokens if stop is None else tokens[:stop]
-        text = self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
         return Completion(
-            text=text,
+            text=self.tokenizer.decode(kept, skip_special_tokens=True),
             prompt_tokens=prompt_tokens,
-            completion_tokens=len(kept) + (stop is not None),  # the stop token was generated too
-            finish_reason="stop" if stop is not None else "length",
+            completion_tokens=len(kept) + (stop is not None),
+            finish_reason=finish or ("stop" if stop is not None else "length"),
         )
 
 
-class VLLMGenerator:
-    """vLLM in process (GPU machines); installed with the ``vllm`` extra."""
+class TransformersGenerator(ChunkedGenerator):
+    """In-process batched generation with transformers: a chunk is one left-padded batch of ``batch_size``
+    prompts (decoder-only models continue from the last real token), stopped on EOS / end-of-turn tokens."""
+
+    backend = "transformers"
+
+    def __init__(self, loaded, *, batch_size: int = 16, max_prompt_tokens: int | None = None):
+        super().__init__(loaded.tokenizer, max_prompt_tokens=max_prompt_tokens, model=loaded.model)
+        self.loaded = loaded
+        self.chunk_size = batch_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.chunk_size
+
+    def provenance(self) -> dict[str, Any]:
+        import transformers
+
+        return dict(self.loaded.provenance, backend=self.backend, engine_version=transformers.__version__,
+                    chat_template=self.chat_template_note())
+
+    def _generate_chunk(self, prompts: list[list[int]], decoding: DecodingConfig) -> list[list[Completion]]:
+        import torch
+
+        from teacherfit.scoring import pad_batch
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        ids, mask = pad_batch(prompts, pad_id, left=True)
+        width = ids.shape[1]
+        torch.manual_seed(decoding.seed)
+        sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
+        with torch.inference_mode():
+            out = self.loaded.model.generate(
+                input_ids=ids.to(self.loaded.device),
+                attention_mask=mask.to(self.loaded.device),
+                max_new_tokens=decoding.max_new_tokens,
+                num_return_sequences=decoding.n,
+                eos_token_id=self.stop_ids,
+                pad_token_id=pad_id,
+                **(dict(do_sample=False, temperature=None, top_p=None, top_k=None) if decoding.greedy else sampling),
+            )
+        new = out[:, width:].tolist()
+        return [[self._completion(new[row * decoding.n + k], len(p)) for k in range(decoding.n)]
+                for row, p in enumerate(prompts)]
+
+
+class VLLMEngineConfig(BaseModel):
+    """vLLM engine settings for one teacher (``backend: vllm``), checked before the engine starts.
+
+    The named fields are the ones a large teacher needs; ``engine_args`` passes any other field of vLLM's
+    ``EngineArgs`` (``vllm.EngineArgs``, the keyword arguments of ``vllm.LLM``), checked against the
+    installed vLLM's own field list.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one copy of the model is split across (a 70B "
+                                      "teacher in bf16: 4-8 GPUs of 80 GB).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (GPUs used = tensor x pipeline).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length the engine reserves KV cache for "
+                                      "(default: the model's own; lower it when the KV cache does not fit).")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM "
+                                          "may take (weights + KV cache).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights and activations "
+                                                                   "dtype ('auto': the checkpoint's).")
+    quantization: str | None = Field(None, description="vLLM quantization method (e.g. 'fp8', 'awq', 'gptq'); "
+                                     "None: as the checkpoint says.")
+    seed: int = Field(0, description="Engine seed (each request also carries decoding.seed).")
+    enforce_eager: bool = Field(False, description="No CUDA graphs: slower, less memory, faster start.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM EngineArgs field, "
+                                        "e.g. {enable_prefix_caching: true, max_num_seqs: 256}.")
+    chunk_size: int = Field(512, ge=1, description="Prompts per engine call; each chunk's rows are written as it "
+                            "finishes (a killed run loses at most one chunk; the progress bar moves per chunk).")
+
+    # What the settings digest of the rows leaves out: how the work is spread and scheduled, not what it computes.
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("tensor_parallel_size", "pipeline_parallel_size",
+                                                  "gpu_memory_utilization", "enforce_eager", "chunk_size")
+
+    def engine_kwargs(self, *, fields: set[str] | None = None, where: str = "vllm") -> dict[str, Any]:
+        """The keyword arguments for ``vllm.LLM``. ``fields``: the installed vLLM's ``EngineArgs`` field names;
+        every key must be one of them. Raises ``ValueError`` naming the config field."""
+        typed = self.model_dump(exclude={"engine_args", "chunk_size"}, exclude_none=True)
+        both = sorted(set(typed) & set(self.engine_args))
+        if both:
+            raise ValueError(f"{where}.engine_args: {', '.join(both)} has its own field ({where}.{both[0]}); set it there")
+        kwargs = {**typed, **self.engine_args}
+        if fields is not None:
+            for key in kwargs:
+                if key not in fields:
+                    import difflib
+
+                    close = difflib.get_close_matches(key, sorted(fields), n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"{where}.engine_args: {key!r} is not a field of the installed vLLM's EngineArgs"
+                                     f"{hint}; see the vLLM engine arguments documentation")
+        return kwargs
+
+    def digest_fields(self) -> dict[str, Any]:
+        """What shapes the responses (hashed into the rows' settings digest)."""
+        return self.model_dump(exclude=set(self.RESOURCE_FIELDS))
+
+
+def vllm_engine_fields() -> set[str]:
+    """The field names of the installed vLLM's ``EngineArgs``; ``ValueError`` when vLLM is not installed."""
+    import dataclasses
+
+    try:
+        from vllm import EngineArgs
+    except ImportError:
+        raise ValueError("backend 'vllm' needs vLLM, which is not installed here: on a CUDA machine run "
+                         "`make install-gpu` (see the README, 'At scale'), or use backend 'openai' with `vllm serve`") from None
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def check_vllm_engine(engine: VLLMEngineConfig, where: str) -> dict[str, Any]:
+    """Every check that needs no engine: vLLM installed, every engine field known to it, enough GPUs.
+    Returns the keyword arguments for ``vllm.LLM``."""
+    kwargs = engine.engine_kwargs(fields=vllm_engine_fields(), where=where)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    wanted = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    if wanted > gpus:
+        raise ValueError(f"{where}: tensor_parallel_size x pipeline_parallel_size = {wanted} GPUs, but {gpus} are "
+                         "visible here (CUDA_VISIBLE_DEVICES); lower them or run on a larger node")
+    return kwargs
+
+
+class VLLMGenerator(ChunkedGenerator):
+    """vLLM in process (GPU machines; the ``vllm`` extra).
+
+    The prompts are the runner's token ids (``{"prompt_token_ids": ...}`` prompts, vLLM's ``TokensPrompt``), so a
+    base model without a chat template gets the same plain template as under transformers, instead of
+    ``LLM.chat()`` raising. The generate pipeline starts each vLLM teacher in its own process, so the engine's
+    GPU memory is returned when the process ends, before the next engine or the reward model loads.
+    """
 
     backend = "vllm"
 
-    def __init__(self, model: str, *, revision: str | None = None, trust_remote_code: bool = False, **engine_args):
-        try:
-            from vllm import LLM
-        except ImportError as err:  # pragma: no cover - GPU machines only
-            raise RuntimeError("the vllm backend needs `pip install teacherfit[vllm]` on a CUDA machine") from err
-        self.model_id = model
-        self.revision = revision
-        self.llm = LLM(model=model, revision=revision, trust_remote_code=trust_remote_code, **engine_args)
+    def __init__(self, resolved, tokenizer, engine: VLLMEngineConfig, *, revision: str | None = None,
+                 trust_remote_code: bool = False, max_prompt_tokens: int | None = None,
+                 where: str = "vllm"):  # pragma: no cover - GPU machines with vLLM only
+        kwargs = check_vllm_engine(engine, where)
+        from vllm import LLM
 
-    def provenance(self) -> dict[str, Any]:  # pragma: no cover - GPU machines only
+        super().__init__(tokenizer, max_prompt_tokens=max_prompt_tokens)
+        self.resolved = resolved
+        self.engine = engine
+        self.chunk_size = engine.chunk_size
+        # a hub id goes to vLLM as it is (with its revision); packaged and GGUF models as their converted folder
+        self.llm = LLM(model=resolved.path, tokenizer=resolved.path,
+                       revision=revision if resolved.kind == "hub" else None,
+                       trust_remote_code=trust_remote_code, **kwargs)
+
+    def provenance(self) -> dict[str, Any]:  # pragma: no cover - GPU machines with vLLM only
         import vllm
 
-        return {"model": self.model_id, "revision": self.revision or "main", "backend": self.backend,
-                "engine_version": vllm.__version__}
+        return dict(self.resolved.provenance, backend=self.backend, engine_version=vllm.__version__,
+                    engine=self.engine.model_dump(exclude={"chunk_size"}), chat_template=self.chat_template_note())
 
-    def generate(self, prompts, decoding):  # pragma: no cover - GPU machines only
+    def _generate_chunk(self, prompts, decoding):  # pragma: no cover - GPU machines with vLLM only
         from vllm import SamplingParams
 
         params = SamplingParams(
             n=decoding.n,
             temperature=decoding.temperature,
-            top_p=decoding.top_p,
+            top_p=1.0 if decoding.greedy else decoding.top_p,
             max_tokens=decoding.max_new_tokens,
             seed=decoding.seed,
+            stop_token_ids=self.stop_ids,
         )
-        # vLLM batches internally (continuous batching); results come back in prompt order
-        for i, result in enumerate(self.llm.chat(prompts, params, use_tqdm=False)):
-            yield i, [
-                Completion(
-                    text=o.text,
-                    prompt_tokens=len(result.prompt_token_ids),
-                    completion_tokens=len(o.token_ids),
-                    finish_reason="length" if o.finish_reason == "length" else "stop",
-                )
-                for o in result.outputs
-            ]
+        # vLLM schedules the chunk itself (continuous batching); results come back in the chunk's order
+        results = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        return [[self._completion(list(o.token_ids), len(ids), "length" if o.finish_reason == "length" else "stop")
+                 for o in result.outputs] for ids, result in zip(prompts, results)]

@@ -64,16 +64,23 @@ def make_generator(teacher: TeacherConfig, cfg: GenerateConfig) -> Generator:
 
         return OpenAICompatibleGenerator(teacher.remote)
     if teacher.backend == "vllm":
-        return VLLMGenerator(teacher.model, revision=teacher.revision, trust_remote_code=cfg.models.trust_remote_code)
+        from teacherfit.models import load_tokenizer, resolve_model
+
+        resolved = resolve_model(teacher.model, revision=teacher.revision)  # packaged / GGUF: a converted folder
+        revision = resolved.provenance.get("revision") if resolved.kind == "hub" else None  # the commit hashed
+        tokenizer = load_tokenizer(resolved.path, revision=revision, trust_remote_code=cfg.models.trust_remote_code)
+        return VLLMGenerator(resolved, tokenizer, teacher.engine, revision=revision,
+                             trust_remote_code=cfg.models.trust_remote_code, max_prompt_tokens=cfg.max_prompt_tokens,
+                             where=f"teacher {teacher.name!r}: vllm")
     raise ValueError(f"backend {teacher.backend!r} does not generate")
 
 
 def _too_long(records: list[Record], generator: Generator, limit: int) -> set[str]:
     """Ids of prompts longer than ``limit`` tokens of the teacher's own tokenizer (known only in-process)."""
-    loaded = getattr(generator, "loaded", None)
-    if loaded is None:
+    tokenizer = getattr(generator, "tokenizer", None)
+    if tokenizer is None:
         return set()
-    return {r.id for r in records if len(tokenize_prompt(loaded.tokenizer, r.prompt)) > limit}
+    return {r.id for r in records if len(tokenize_prompt(tokenizer, r.prompt)) > limit}
 
 
 def _row(record: Record, teacher: TeacherConfig, provenance: dict, decoding: DecodingConfig, completion,
@@ -88,6 +95,8 @@ def _row(record: Record, teacher: TeacherConfig, provenance: dict, decoding: Dec
         "finish_reason": completion.finish_reason,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if "server" in completion.extra:  # which server of a fleet answered (masked URL)
+        meta["server"] = completion.extra["server"]
     if candidates is not None:
         meta["best_of_n"] = candidates
     return record.with_response(completion.text, **meta).to_row()
@@ -109,8 +118,9 @@ def teacher_settings(teacher: TeacherConfig, cfg: GenerateConfig) -> dict[str, A
     elif teacher.backend == "transformers":  # the weights: a packaged or GGUF sha256, a folder's digest, a commit
         resolved = resolve_model(teacher.model, revision=teacher.revision, convert=False)
         settings.update(model=resolved.provenance, dtype=cfg.models.dtype)
-    else:  # vllm resolves the model itself
-        settings.update(model=teacher.model, revision=teacher.revision, dtype=cfg.models.dtype)
+    else:  # vllm: the same weights' identity, and the engine settings that shape responses (not its resources)
+        resolved = resolve_model(teacher.model, revision=teacher.revision, convert=False)
+        settings.update(model=resolved.provenance, engine=teacher.engine.digest_fields())
     reward = cfg.best_of_n_reward
     if decoding.n > 1 and reward is not None:
         settings["best_of_n_reward"] = reward.model_dump(exclude={"remote"}) | (
@@ -259,6 +269,11 @@ def preflight(cfg: GenerateConfig, records: list[Record]) -> dict[str, LoadRepor
             teacher.remote.check_key()
         elif teacher.backend == "transformers":
             resolve_model(teacher.model, revision=teacher.revision, convert=False)
+        elif teacher.backend == "vllm":
+            from teacherfit.generation import check_vllm_engine
+
+            check_vllm_engine(teacher.engine, f"teacher {teacher.name!r}: vllm")
+            resolve_model(teacher.model, revision=teacher.revision, convert=False)
     reward = cfg.best_of_n_reward
     if reward is not None and any((t.decoding or cfg.decoding).n > 1 for t in cfg.teachers):
         if reward.kind == "openai_judge":
@@ -268,17 +283,119 @@ def preflight(cfg: GenerateConfig, records: list[Record]) -> dict[str, LoadRepor
     return files
 
 
+def in_worker(teacher: TeacherConfig, cfg: GenerateConfig) -> bool:
+    """Whether this teacher generates in its own process (see ``GenerateConfig.worker_process``)."""
+    if teacher.backend not in ("transformers", "vllm") or cfg.worker_process == "never":
+        return False
+    return cfg.worker_process == "always" or teacher.backend == "vllm"
+
+
+def _best_of_n_reward(teacher: TeacherConfig, cfg: GenerateConfig):
+    if (teacher.decoding or cfg.decoding).n == 1:
+        return None
+    from teacherfit.rewards import make_reward
+
+    return make_reward(cfg.best_of_n_reward, cfg.models)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker end when the process that started it ends, SIGKILL included, so a killed run leaves no
+    orphan still appending rows (and holding GPU memory) while the user resumes. On Linux the kernel does it
+    (prctl PR_SET_PDEATHSIG); neither multiprocessing nor subprocess offers that, hence ctypes. Elsewhere a
+    thread watches the parent's pid."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    else:  # pragma: no cover - not Linux
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _worker_main(conn, parent_pid: int, teacher: TeacherConfig, records: list[Record], cfg: GenerateConfig,
+                 run_dir: Path) -> None:
+    """A teacher's generation in a process of its own; sends ``("ok", TeacherRun)`` or ``("error", exception)``."""
+    import pickle
+    import traceback
+
+    _die_with_parent(parent_pid)
+    try:
+        run = generate_teacher(teacher, records, cfg, run_dir, _best_of_n_reward(teacher, cfg))
+    except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent, which reports it
+        try:
+            pickle.loads(pickle.dumps(err))
+        except Exception:  # noqa: BLE001 - an exception that cannot cross processes goes as its text
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        if not isinstance(err, (ValueError, OSError, RuntimeError)):
+            traceback.print_exc()
+        conn.send(("error", err))
+        return
+    conn.send(("ok", run))
+
+
+def generate_in_worker(teacher: TeacherConfig, records: list[Record], cfg: GenerateConfig, run_dir: Path) -> TeacherRun:
+    """``generate_teacher`` in a fresh process (spawned: CUDA and vLLM cannot live in a forked one). The worker
+    writes the rows itself, resumably, exactly as in process; when it ends, all its memory (vLLM's GPU memory
+    included, which it keeps after ``del``) goes back to the system before the next teacher starts."""
+    import multiprocessing
+    import os
+
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker_main, args=(sender, os.getpid(), teacher, records, cfg, run_dir),
+                       name=f"teacherfit-generate-{teacher.name}")
+    proc.start()
+    sender.close()
+    console.print(f"{teacher.name}: generating in worker process {proc.pid}")
+    message = None
+    try:
+        while message is None:
+            if receiver.poll(1.0):
+                try:
+                    message = receiver.recv()
+                except EOFError:  # the worker died without a word
+                    break
+            elif not proc.is_alive() and not receiver.poll(0):
+                break
+        proc.join()
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        receiver.close()
+    if message is None:
+        raise RuntimeError(f"teacher {teacher.name!r}: its worker process {proc.pid} ended (exit code {proc.exitcode}) "
+                           "before it finished; the rows it wrote are kept: run the same command again to resume")
+    if message[0] == "error":
+        raise message[1]
+    return message[1]
+
+
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
     report = load_records(cfg.instructions, format=cfg.format, on_error=cfg.on_error, limit=cfg.limit)
     console.print(report.summary())
     files = preflight(cfg, report.records)
     run_dir = prepare_run_dir(cfg, "generate")
-    reward = None
-    if any((t.decoding or cfg.decoding).n > 1 for t in cfg.teachers):
-        from teacherfit.rewards import make_reward
-
-        reward = make_reward(cfg.best_of_n_reward, cfg.models)
-    runs = [generate_teacher(t, report.records, cfg, run_dir, reward, files.get(t.name)) for t in cfg.teachers]
+    reward = None  # the best-of-N reward of in-process teachers: loaded once, when the first needs it
+    runs = []
+    for teacher in cfg.teachers:
+        if in_worker(teacher, cfg):
+            runs.append(generate_in_worker(teacher, report.records, cfg, run_dir))
+            continue
+        if reward is None and teacher.backend != "file":
+            reward = _best_of_n_reward(teacher, cfg)
+        runs.append(generate_teacher(teacher, report.records, cfg, run_dir, reward, files.get(teacher.name)))
     summary = {
         "instructions": report.to_dict(),
         "teachers": [

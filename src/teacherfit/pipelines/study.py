@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,22 +89,77 @@ def _read_interval(kind: str, results: dict) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------- stages
 
 
-def run_stage(stage_dir: Path, stage_cfg: BaseModel, fn: Callable[[], Any], timings: dict[str, dict], name: str) -> bool:
-    """Run ``fn`` unless ``stage_dir/stage.json`` records a finished run of the same config; True if it ran."""
-    digest = config_digest(stage_cfg)
-    marker = stage_dir / "stage.json"
+def _process() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _done(marker: Path, digest: str) -> dict | None:
     if marker.exists():
         done = json.loads(marker.read_text())
         if done.get("digest") == digest:
-            timings[name] = {"seconds": done["seconds"], "skipped": True}
-            console.print(f"[dim]study: {name} already done ({done['seconds']:.0f} s when it ran), skipped[/]")
-            return False
+            return done
+    return None
+
+
+def _wait_for_main(stage_dir: Path, digest: str, name: str) -> dict:
+    """A non-main process waits for the main process to finish a stage (its ``stage.json``) or to fail it
+    (``stage.failed``). Files, not a collective: a generation stage can take hours, longer than any
+    process-group timeout, and a file also survives the main process dying."""
+    marker, failed = stage_dir / "stage.json", stage_dir / "stage.failed"
+    while True:
+        done = _done(marker, digest)
+        if done is not None:
+            return done
+        if failed.exists():
+            what = failed.read_text().strip()
+            if what.startswith(digest):
+                raise RuntimeError(f"study: the main process failed the stage {name!r} ({what[len(digest) + 1:]}); "
+                                   "fix that and launch again (finished work is kept)")
+        time.sleep(POLL_S)
+
+
+POLL_S = 2.0
+
+
+def run_stage(stage_dir: Path, stage_cfg: BaseModel, fn: Callable[[], Any], timings: dict[str, dict], name: str,
+              *, every_process: bool = False) -> bool:
+    """Run ``fn`` unless ``stage_dir/stage.json`` records a finished run of the same config; True if it ran.
+
+    Under several processes (accelerate launch / torchrun) a stage runs on the main process only, the others
+    waiting for it, unless ``every_process``: then every process takes part (sharded ranking, data-parallel
+    fine-tunes) and the main one alone marks the stage done.
+    """
+    digest = config_digest(stage_cfg)
+    marker = stage_dir / "stage.json"
+    rank, world = _process()
+    done = _done(marker, digest)
+    if done is not None:
+        timings[name] = {"seconds": done["seconds"], "skipped": True}
+        console.print(f"[dim]study: {name} already done ({done['seconds']:.0f} s when it ran), skipped[/]")
+        return False
+    if marker.exists() and rank == 0:
         console.print(f"[yellow]study: {name} ran before with another config; running it again[/]")
+    if rank != 0 and not every_process:
+        done = _wait_for_main(stage_dir, digest, name)
+        timings[name] = {"seconds": done["seconds"], "skipped": False}
+        return False
     console.rule(f"study: {name}")
     start = time.perf_counter()
-    fn()
+    try:
+        fn()
+    except BaseException as err:
+        if rank == 0 and world > 1:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stage_dir / "stage.failed", f"{digest} {type(err).__name__}: {err}")
+        raise
     seconds = round(time.perf_counter() - start, 1)
+    if rank != 0:  # every process took part; the main one marks the stage done
+        done = _wait_for_main(stage_dir, digest, name)
+        timings[name] = {"seconds": done["seconds"], "skipped": False}
+        return True
     stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "stage.failed").unlink(missing_ok=True)
     atomic_write_json(marker, {"digest": digest, "seconds": seconds,
                                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     timings[name] = {"seconds": seconds, "skipped": False}
@@ -122,6 +178,8 @@ def split_instructions(cfg: StudyConfig, run_dir: Path) -> dict[str, Any]:
     data.mkdir(parents=True, exist_ok=True)
     paths = {"train": data / "train.jsonl", "heldout": data / "heldout.jsonl"}
     for part, keep in (("train", lambda i: i not in held), ("heldout", lambda i: i in held)):
+        if _process()[0] != 0:  # the main process writes the split; the others only need its paths
+            continue
         rows = [records[i].to_row() for i in range(len(records)) if keep(i)]
         atomic_write_text(paths[part], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"train": paths["train"], "heldout": paths["heldout"] if held else None,
@@ -305,7 +363,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     gen_cfg = generate_config(cfg, split["train"], run_dir)
     run_stage(run_dir / "generate", gen_cfg, lambda: run_generate(gen_cfg), timings, "generate")
     rank_cfg = rank_config(cfg, run_dir)
-    run_stage(run_dir / "rank", rank_cfg, lambda: run_rank(rank_cfg), timings, "rank")
+    run_stage(run_dir / "rank", rank_cfg, lambda: run_rank(rank_cfg), timings, "rank", every_process=True)
     ranked = json.loads((run_dir / "rank" / "results.json").read_text())
     names = [t.name for t in cfg.teachers]
 
@@ -314,8 +372,10 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     for name in names:
         ft_cfg = finetune_config(cfg, name, run_dir)
         run_stage(run_dir / "finetune" / name, ft_cfg, lambda c=ft_cfg: run_distill(c, resume=True), timings,
-                  f"finetune {name}")
+                  f"finetune {name}", every_process=True)
         finetunes[name] = json.loads((run_dir / "finetune" / name / "summary.json").read_text())
+    if _process()[0] != 0:  # what follows (evaluation, correlations, the report) is the main process's
+        return {"run_dir": str(run_dir), "main_process": False}
 
     # 4. an evaluation per fine-tuned student (and the untuned one, for context)
     evaluations: dict[str, dict] = {}
