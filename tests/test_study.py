@@ -203,3 +203,70 @@ def test_study_config_keeps_to_sequence_level_kd_and_its_own_fields(study_worksp
         preflight(load_config(StudyConfig, path, ["pairs=[{larger: nope, smaller: short}]"]))
     cfg = load_config(StudyConfig, Path(path))
     assert cfg.finetune.kd.lambda_ == 0.0 and cfg.outcome == "heldout_loss"
+
+
+# ------------------------------------------------------------------- several processes (accelerate launch)
+
+def _stage_cfg():
+    from teacherfit.config import CorrelateConfig
+
+    return CorrelateConfig(rank_run="r", outcomes="o.json")
+
+
+def _as_process(monkeypatch, rank: int, world: int = 2) -> None:
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+
+
+def test_main_only_stage_runs_once_and_the_others_wait_for_it(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from teacherfit.pipelines import study
+
+    monkeypatch.setattr(study, "POLL_S", 0.05)
+    calls: list[int] = []
+    _as_process(monkeypatch, 1)
+    finishing = threading.Thread(target=lambda: (time.sleep(0.3), study.atomic_write_json(
+        tmp_path / "stage.json", {"digest": study.config_digest(_stage_cfg()), "seconds": 12.5})))
+    finishing.start()
+    timings: dict = {}
+    start = time.perf_counter()
+    ran = study.run_stage(tmp_path, _stage_cfg(), lambda: calls.append(1), timings, "generate")
+    finishing.join()
+    assert not ran and calls == []  # a non-main process never runs a main-only stage ...
+    assert time.perf_counter() - start >= 0.3  # ... it waited for the main one's marker
+    assert timings["generate"] == {"seconds": 12.5, "skipped": False}
+
+    # the main process runs it and writes the marker once
+    _as_process(monkeypatch, 0)
+    other = tmp_path / "other"
+    assert study.run_stage(other, _stage_cfg(), lambda: calls.append(0), timings, "evaluate")
+    assert calls == [0] and json.loads((other / "stage.json").read_text())["digest"] == study.config_digest(_stage_cfg())
+
+
+def test_every_process_stage_runs_everywhere_and_a_main_failure_reaches_the_others(tmp_path, monkeypatch):
+    from teacherfit.pipelines import study
+
+    monkeypatch.setattr(study, "POLL_S", 0.05)
+    digest = study.config_digest(_stage_cfg())
+    calls: list[str] = []
+    # rank 1 takes part in a sharded stage, then waits for the main one to mark it done
+    _as_process(monkeypatch, 1)
+    (tmp_path / "stage.json").write_text(json.dumps({"digest": "another config", "seconds": 1}))
+    study.atomic_write_text(tmp_path / "stage.failed", f"{digest} RuntimeError: out of GPU memory")
+    with pytest.raises(RuntimeError, match="main process failed the stage 'rank' .*out of GPU memory"):
+        study.run_stage(tmp_path, _stage_cfg(), lambda: calls.append("rank 1"), {}, "rank", every_process=True)
+    assert calls == ["rank 1"]
+    # the main process failing a stage writes the failure for the others, and clears it when the stage succeeds
+    _as_process(monkeypatch, 0)
+    (tmp_path / "stage.failed").unlink()
+
+    def boom():
+        raise ValueError("bad reward model")
+
+    with pytest.raises(ValueError):
+        study.run_stage(tmp_path, _stage_cfg(), boom, {}, "rank", every_process=True)
+    assert (tmp_path / "stage.failed").read_text() == f"{digest} ValueError: bad reward model"
+    assert study.run_stage(tmp_path, _stage_cfg(), lambda: calls.append("rank 0"), {}, "rank", every_process=True)
+    assert not (tmp_path / "stage.failed").exists() and calls == ["rank 1", "rank 0"]
