@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def free_port() -> int:
@@ -41,8 +41,11 @@ def llama_cpp_server(
     threads: int = 2,
     model_alias: str | None = None,
     startup_timeout_s: float = 120.0,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> Iterator[str]:
     """Serve a GGUF file with ``llama_cpp.server`` on a free loopback port; yields the ``/v1`` base URL.
+
+    ``on_start`` gets the server's process once it is ready (a test that kills a server mid-run keeps it).
 
     The server's output goes to a file rather than a pipe: a pipe nobody reads fills up and stalls the
     server. Its tail is the error message when the server dies or is not ready in time.
@@ -73,9 +76,12 @@ def llama_cpp_server(
                         f"llama.cpp server not ready after {startup_timeout_s:g} s:\n{_tail(log_path)}"
                     )
                 time.sleep(0.2)
+            if on_start is not None:
+                on_start(proc)
             yield base_url
         finally:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
