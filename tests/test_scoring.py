@@ -79,3 +79,23 @@ def test_length_sorted_batches_cover_each_index_once_within_budget():
         assert len(b) <= 3
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+def test_padded_scores_match_the_reference_and_do_not_depend_on_their_batch(llama, tokenizer):
+    """score_padded: each example at a width of its own length (a multiple of 64 here), batched only with
+    examples of that width: the naive reference's values, and bit for bit the same whatever it is scored with."""
+    from teacherfit.scoring import padded_width, score_padded
+
+    assert [padded_width(n) for n in (1, 63, 64, 65, 300, 1000)] == [64, 64, 64, 128, 320, 1024]
+    assert padded_width(100, cap=80) == 100 and padded_width(70, cap=100) == 100  # never past the context, never cut
+    examples = [tokenize_example(tokenizer, c) for c in CHATS]
+    kw = dict(pad_token_id=tokenizer.pad_token_id, max_tokens=4096)
+    together = score_padded(llama, examples, **kw)
+    for i, ex in enumerate(examples):
+        total, count = naive_loss(llama, ex)
+        assert together[i].n_tokens == count
+        assert together[i].nll_sum == pytest.approx(total, rel=1e-5, abs=1e-5)
+        alone = score_padded(llama, [ex], **kw)[0]
+        with_others = score_padded(llama, [examples[(i + 1) % len(examples)], ex, examples[(i + 2) % len(examples)]],
+                                   **kw)[1]
+        assert alone.nll_sum == with_others.nll_sum == together[i].nll_sum  # batch-invariant, exactly

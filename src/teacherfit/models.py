@@ -533,8 +533,13 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     task: str = "causal_lm",
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a frozen model (eval mode) and its tokenizer; ``task`` is "causal_lm" or "seq_cls" (reward models)."""
+    """Load a frozen model (eval mode) and its tokenizer; ``task`` is "causal_lm" or "seq_cls" (reward models).
+
+    ``device_map="auto"``: transformers places the layers across every visible GPU (a model that does not fit one
+    device); ``device="cpu"`` keeps it on the CPU. The returned ``device`` is where its inputs go (the input
+    embeddings' device); accelerate's hooks move activations between the devices."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     resolved = resolve_model(spec, revision=revision)
@@ -542,19 +547,31 @@ def load_model(
     dt = pick_dtype(dtype, dev)
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        if device_map != "auto":
+            raise ValueError(f"device_map must be None or 'auto', not {device_map!r}")
+        # models.device=cpu on a machine with GPUs: the user asked for the CPU
+        placement["device_map"] = {"": "cpu"} if dev.type == "cpu" and torch.cuda.is_available() else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        model = cls.from_pretrained(resolved.location, dtype=dt, **kwargs)
+        model = cls.from_pretrained(resolved.location, dtype=dt, **placement, **kwargs)
     except OSError as err:
         raise ModelError(
             f"could not load {spec!r} ({resolved.kind}): {err}\n"
             "Pass a hub id (with network access), a local Hugging Face folder, a .gguf file, "
             f"or a packaged model name: {', '.join(PACKAGED)}"
         ) from err
-    model.to(dev).eval()
+    if placement:  # placed by transformers: never moved as a whole
+        model.eval()
+        dev = model.get_input_embeddings().weight.device
+    else:
+        model.to(dev).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prov = dict(resolved.provenance, kind=resolved.kind, dtype=str(dt).removeprefix("torch."), device=dev.type)
+    if placement:
+        prov["device_map"] = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {"": dev}).values()})
     if resolved.kind == "hub":
         prov["revision"] = getattr(model.config, "_commit_hash", None) or prov["revision"]
     return LoadedModel(model, tokenizer, prov, dev, dt)

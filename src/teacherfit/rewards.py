@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from teacherfit.data import Record, chat_template_for, render_prompt
-from teacherfit.scoring import length_sorted_batches, lm_head_logits, pad_batch
+from teacherfit.scoring import context_of, lm_head_logits, pad_to_width, padded_batches
 
 JUDGE_PROMPT_VERSION = "teacherfit-judge-v1"
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of an AI assistant's answer."
@@ -125,15 +125,18 @@ class LocalJudgeReward:
         first = {r: p[0] for r, p in self.paths.items()}
         out: list[float] = [math.nan] * len(records)
         lengths = [len(e) for e in encoded]
-        for batch in length_sorted_batches(lengths, max_tokens=self.max_tokens, max_batch=32):
-            ids, mask = pad_batch([encoded[i] for i in batch], pad)
+        for width, batch in padded_batches(lengths, max_tokens=self.max_tokens, max_batch=32, cap=context_of(model)):
+            ids, mask = pad_to_width([encoded[i] for i in batch], pad, width)
             hidden = model.get_decoder()(
                 input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device), use_cache=False
             ).last_hidden_state
             # only the last two positions matter: no full-vocabulary logits for the whole batch
             rows = torch.arange(len(batch))
             last = torch.tensor([lengths[i] - 1 for i in batch])
-            logits = lm_head_logits(model, torch.stack([hidden[rows, last - 1], hidden[rows, last]], 1)).float()
+            pairs = torch.stack([hidden[rows, last - 1], hidden[rows, last]], 1)
+            # the head on each record's two positions alone: BLAS computes a product of a few rows with other
+            # kernels than one of many (2e-5 apart in a logit), and a rating must not depend on its batch
+            logits = torch.stack([lm_head_logits(model, pair) for pair in pairs]).float()
             for row, i in enumerate(batch):
                 # the rating's first token is predicted at the last prefix position
                 p_first = torch.softmax(logits[row, 0 if two_step else 1], -1)
@@ -169,8 +172,8 @@ class ClassifierReward:
             model.config.pad_token_id = pad  # sequence classifiers find the last real token by the pad id
         out: list[float] = [math.nan] * len(records)
         lengths = [len(e) for e in encoded]
-        for batch in length_sorted_batches(lengths, max_tokens=self.max_tokens, max_batch=32):
-            ids, mask = pad_batch([encoded[i] for i in batch], pad)
+        for width, batch in padded_batches(lengths, max_tokens=self.max_tokens, max_batch=32, cap=context_of(model)):
+            ids, mask = pad_to_width([encoded[i] for i in batch], pad, width)
             logits = model(input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device)).logits
             for row, i in enumerate(batch):
                 out[i] = float(logits[row, 0])
@@ -261,7 +264,7 @@ class OpenAIJudgeReward:
     def score(self, records, on_batch=None) -> list[float]:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency * len(self.cfg.urls)) as pool:  # per server
             out = []
             for value in pool.map(self._one, records):
                 out.append(value)
@@ -282,7 +285,7 @@ def make_reward(cfg, models_opts) -> RewardModel:
         raise ValueError(f"reward.kind {cfg.kind!r} needs reward.model")
     task = "seq_cls" if cfg.kind == "classifier" else "causal_lm"
     loaded = load_model(cfg.model, device=models_opts.device, dtype=models_opts.dtype,
-                        trust_remote_code=models_opts.trust_remote_code, task=task)
+                        trust_remote_code=models_opts.trust_remote_code, task=task, device_map=cfg.device_map)
     if cfg.kind == "classifier":
         return ClassifierReward(loaded, max_length=cfg.max_length, max_tokens=cfg.max_tokens)
     return LocalJudgeReward(loaded, max_length=cfg.max_length, max_tokens=cfg.max_tokens)

@@ -232,8 +232,12 @@ def score_examples(
         t = targets[keep]
         nll = torch.empty(t.shape[0], dtype=torch.float32, device=device)
         for s in range(0, t.shape[0], head_chunk):
-            logits = lm_head_logits(model, h[s : s + head_chunk]).float()
-            nll[s : s + head_chunk] = F.cross_entropy(logits, t[s : s + head_chunk], reduction="none")
+            rows = h[s : s + head_chunk]
+            # BLAS takes other kernels (other summation orders) for a few rows than for many: padded to a multiple
+            # of 64 rows, a token's logits do not depend on how many tokens share its chunk (batch invariance)
+            fill = -len(rows) % 64
+            logits = lm_head_logits(model, torch.cat([rows, rows.new_zeros(fill, rows.shape[1])]) if fill else rows)
+            nll[s : s + head_chunk] = F.cross_entropy(logits[: len(rows)].float(), t[s : s + head_chunk], reduction="none")
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows_of, nll.double())
         counts = torch.bincount(rows_of, minlength=len(batch))
         for row, i in enumerate(batch):
@@ -241,3 +245,79 @@ def score_examples(
         if on_batch:
             on_batch(len(batch), int(mask.sum()))
     return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------- batch-invariant scores (one process or several)
+
+def padded_width(n: int, cap: int | None = None) -> int:
+    """The width a sequence of ``n`` tokens is padded to when it is scored: a function of ``n`` alone (and of the
+    model's context ``cap``), never of the other rows of its batch.
+
+    Why: attention kernels (PyTorch's CPU flash SDPA, and the products whose sums run over the key positions)
+    accumulate over the batch's padded width, so padding a row to another width moves its logits by a few ulps
+    per layer; through a 30-layer model in fp32 that is up to ~4e-6 in a response's mean loss, enough for a score
+    to depend on which rows were scored with it (one process or several, a fresh run or a resumed one). Padded
+    to its own width and batched only with rows of that width, a row's hidden states are the same in any batch
+    (measured bit-identical in fp32 on CPU); what a batch can still change is the output head's product when it
+    has only a few rows (BLAS picks other kernels for them), which the judge below avoids.
+    Widths are multiples of 64, and of a quarter of the power of two below ``n`` for longer rows (<= 25% padding).
+    """
+    if n <= 0:
+        return 0
+    step = max(64, (1 << (n.bit_length() - 1)) // 4)
+    width = -(-n // step) * step
+    return max(n, min(width, cap)) if cap else width
+
+
+def padded_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: int,
+                   cap: int | None = None) -> list[tuple[int, list[int]]]:
+    """``(width, indices)`` batches: rows of one ``padded_width`` each (widest first), within the token budget."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(padded_width(n, cap), []).append(i)
+    out = []
+    for width in sorted(groups, reverse=True):
+        rows = groups[width]
+        out += [(width, [rows[k] for k in batch])
+                for batch in length_sorted_batches([width] * len(rows), max_tokens=max_tokens, max_batch=max_batch)]
+    return out
+
+
+def pad_to_width(seqs: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pad_batch`` (right padding) to exactly ``width`` columns (at least the longest row)."""
+    ids, mask = pad_batch(seqs, pad_id)
+    extra = width - ids.shape[1]
+    if extra > 0:
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_id)], 1)
+        mask = torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1)
+    return ids, mask
+
+
+def context_of(model) -> int | None:
+    """The longest input a model's positions allow (None when its config does not say)."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def score_padded(model, examples: list, *, pad_token_id: int, cap: int | None = None, **kw) -> list:
+    """``score_examples`` with every example at its own ``padded_width``, scored only with
+    examples of that width: its loss does not depend on the rows scored with it (so one process or several, a
+    fresh run or a resumed one give the same scores to ~1e-7 in fp32; see ``padded_width`` for why).
+
+    The width is reached with trailing pad tokens that are labelled -100: the model is causal, so they change no
+    earlier position, and every row of a batch then has the batch's width."""
+    from dataclasses import replace
+
+    groups: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(padded_width(len(ex.input_ids), cap), []).append(i)
+    out: list = [None] * len(examples)
+    for width in sorted(groups, reverse=True):
+        rows = groups[width]
+        wide = [replace(ex, input_ids=list(ex.input_ids) + [pad_token_id] * (width - len(ex.input_ids)),
+                        labels=list(ex.labels) + [-100] * (width - len(ex.labels)))
+                for ex in (examples[i] for i in rows)]
+        for i, scored in zip(rows, score_examples(model, wide, pad_token_id=pad_token_id, **kw)):
+            out[i] = scored
+    return out

@@ -12,12 +12,21 @@ by (teacher, instruction id, digest of the conversation); the digest in the file
 scores depend on (the model's sha256 or commit, max_length, dtype, the judge prompt version). So a re-run
 (or one with another beta) loads no model, an added teacher or an edited response is the only thing
 scored, and a run killed mid-stage resumes at the chunk of rows it was on.
+
+Launched as several processes (``accelerate launch -m teacherfit rank`` or torchrun; ``Processes``), each stage
+splits the rows still to score: process r scores every world_size-th one from r on, with its own copy of the
+model on its own device (cuda:LOCAL_RANK, or the CPU with gloo), into its own ``<stage>-<digest>.rank<r>.jsonl``;
+then the main process merges those shards into the stage's file (a key already there wins) and deletes them.
+Rows in a shard a killed run left behind count as scored. Only the main process makes and locks the run
+directory and writes the results; the others return after the last stage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from teacherfit import metrics
-from teacherfit.config import RankConfig, ResponseSetConfig, config_digest, prepare_run_dir
+from teacherfit.config import ConfigError, RankConfig, ResponseSetConfig, config_digest, prepare_run_dir
 from teacherfit.data import (LoadReport, Record, chat_template_for, load_records, tokenize_example,
                              tokenize_response_alone)
 from teacherfit.store import ResumableJsonl, atomic_write_bytes, atomic_write_json, sha256_json
@@ -150,16 +159,16 @@ def preflight(cfg: RankConfig) -> list[Stage]:
 Scorer = Callable[[list[Record], Callable[..., None]], list[dict[str, Any]]]
 
 
-def likelihood_scorer(model_spec: str, cfg: RankConfig) -> tuple[dict, Scorer, Any]:
+def likelihood_scorer(model_spec: str, cfg: RankConfig, device: str | None = None) -> tuple[dict, Scorer, Any]:
     """Loss of each response with its instruction (CAR's L, PPL) and without it (IFD) under one model.
 
     Both passes score the same tokens: the unconditional pass is the conditional pass's labelled ids after
     one start token, so IFD compares like with like for every template and tokenizer.
     """
     from teacherfit.models import load_model
-    from teacherfit.scoring import score_examples
+    from teacherfit.scoring import score_padded
 
-    loaded = load_model(model_spec, device=cfg.models.device, dtype=cfg.models.dtype,
+    loaded = load_model(model_spec, device=device or cfg.models.device, dtype=cfg.models.dtype,
                         trust_remote_code=cfg.models.trust_remote_code)
     tok = loaded.tokenizer
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length
@@ -169,18 +178,27 @@ def likelihood_scorer(model_spec: str, cfg: RankConfig) -> tuple[dict, Scorer, A
     def score(records: list[Record], advance) -> list[dict[str, Any]]:
         cond = [tokenize_example(tok, r.messages, max_length=max_length) for r in records]
         uncond = [tokenize_response_alone(tok, ex) for ex in cond]
-        kw = dict(pad_token_id=tok.pad_token_id, max_tokens=cfg.max_tokens, on_batch=advance)
-        sc, su = score_examples(loaded.model, cond, **kw), score_examples(loaded.model, uncond, **kw)
+        kw = dict(pad_token_id=tok.pad_token_id, max_tokens=cfg.max_tokens, on_batch=advance, cap=context)
+        sc, su = score_padded(loaded.model, cond, **kw), score_padded(loaded.model, uncond, **kw)
         return [{"loss": c.loss, "loss_uncond": u.loss, "n_tokens": c.n_tokens, "truncated": ex.truncated}
                 for c, u, ex in zip(sc, su, cond)]
 
     return meta, score, loaded
 
 
-def reward_scorer(cfg: RankConfig) -> tuple[dict, Scorer, Any]:
+def reward_scorer(cfg: RankConfig, device: str | None = None, processes: int = 1) -> tuple[dict, Scorer, Any]:
+    """``device``: this process's device; ``processes``: how many share the rows (a remote judge's requests in
+    flight are shared out too, so that all of them together keep to ``remote.concurrency``)."""
     from teacherfit.rewards import make_reward
 
-    reward = make_reward(cfg.reward, cfg.models)
+    reward_cfg, models = cfg.reward, cfg.models
+    if reward_cfg.kind == "openai_judge" and processes > 1:
+        each = max(1, -(-reward_cfg.remote.concurrency // processes))
+        remote = reward_cfg.remote.model_copy(update={"concurrency": each})
+        reward_cfg = reward_cfg.model_copy(update={"remote": remote})
+    if device is not None:
+        models = models.model_copy(update={"device": device})
+    reward = make_reward(reward_cfg, models)
 
     def score(records: list[Record], advance) -> list[dict[str, Any]]:
         return [{"reward": float(v)} for v in reward.score(records, on_batch=advance)]
@@ -188,11 +206,123 @@ def reward_scorer(cfg: RankConfig) -> tuple[dict, Scorer, Any]:
     return {"reward": reward.provenance()}, score, reward
 
 
+class Processes:
+    """The processes one rank run is spread over: one, or several launched by ``accelerate launch`` / torchrun
+    (accelerate's ``PartialState``: gloo on CPUs, NCCL on GPUs, each process on its own device)."""
+
+    def __init__(self, state: Any = None, owned: bool = False):
+        self.state = state
+        self.owned = owned  # the process group was started here (and is ended by ``close``)
+        self.rank = state.process_index if state is not None else 0
+        self.world = state.num_processes if state is not None else 1
+        self.device = str(state.device) if state is not None else None  # None: models.device as configured
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def from_main(self, value: Any) -> Any:
+        """The main process's ``value`` on every process (the others pass anything)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextmanager
+    def main_first(self):
+        """The main process runs the block first (files it may write: verified GGUFs...), the others after it."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+            from accelerate import PartialState
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            PartialState._reset_state()
+            self.owned = False
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def start_processes(cfg: RankConfig) -> Processes:
+    """Join the other processes of this run (one process: nothing to join). Each scores on ``cuda:LOCAL_RANK``,
+    or on the CPU when ``models.device`` is cpu or there is no GPU."""
+    world = launched_processes()
+    if world <= 1:
+        return Processes()
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    device = cfg.models.device
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if not on_cpu:
+        if device not in ("auto", "cuda"):
+            raise ConfigError(f"models.device={device!r} names one device, but {world} processes were launched: "
+                              "each process scores on its own GPU (cuda:LOCAL_RANK); set models.device=auto (or cpu)")
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise ConfigError(f"{world} processes were launched but this machine has {gpus} visible GPU(s): launch "
+                              f"at most {gpus} processes per machine, or set models.device=cpu")
+    owned = not dist.is_initialized()
+    # a long wait at a barrier is normal here (a process converting a GGUF, or a slower share of the rows)
+    state = PartialState(cpu=on_cpu, timeout=timedelta(hours=2))
+    return Processes(state, owned=owned)
+
+
+@contextmanager
+def _quiet(on: bool):
+    """Silence this process's console in the block (the other processes of a run: the main one reports)."""
+    before = console.quiet
+    console.quiet = before or on
+    try:
+        yield
+    finally:
+        console.quiet = before
+
+
+def shard_path(path: Path, rank: int) -> Path:
+    """Process ``rank``'s own file of a stage's rows, beside the stage's file."""
+    return path.with_name(f"{path.stem}.rank{rank}.jsonl")
+
+
+def shard_paths(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.rank*.jsonl"))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a whole scores file, read without opening it for writing."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _cached_keys(path: Path) -> set[tuple]:
-    """Keys of the rows a scores file holds, read without opening it for writing (for a dry run)."""
+    """Keys of the rows a scores file and its processes' shards hold, read without opening them for writing (for
+    a dry run)."""
     keys = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    for one in [path, *shard_paths(path)]:
+        if not one.exists():
+            continue
+        for line in one.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
                 keys.add(tuple(row[f] for f in KEY_FIELDS))
@@ -201,35 +331,101 @@ def _cached_keys(path: Path) -> set[tuple]:
     return keys
 
 
-def run_stage(stage: Stage, sets: dict[str, list[Record]], cfg: RankConfig, scores: Path) -> tuple[dict, dict]:
+def _scored_keys(path: Path) -> set[tuple]:
+    """Keys of the rows in a stage's file (a torn last line cut away first)."""
+    with ResumableJsonl(path, KEY_FIELDS) as store:
+        return store.done_keys()
+
+
+def merge_shards(path: Path) -> int:
+    """Move the rows of the processes' shards of ``path`` into it, once per key (a key already in ``path``, or in
+    an earlier shard, wins); the shards are deleted once the merged file is on disk. Returns the rows added.
+    One writer: the main process, while no other process writes."""
+    shards = shard_paths(path)
+    if not shards:
+        return 0
+    have = _scored_keys(path)
+    new = []
+    for shard in shards:
+        with ResumableJsonl(shard, KEY_FIELDS) as store:  # a killed process's torn last line is cut
+            for row in store.rows():
+                key = store.key_of(row)
+                if key not in have:
+                    have.add(key)
+                    new.append(row)
+    if new:  # the whole file replaced atomically: the old one or the merged one, never a half
+        atomic_write_bytes(path, path.read_bytes()
+                           + "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in new).encode("utf-8"))
+    for shard in shards:
+        shard.unlink()
+    return len(new)
+
+
+def run_stage(stage: Stage, sets: dict[str, list[Record]], cfg: RankConfig, scores: Path,
+              procs: Processes | None = None) -> tuple[dict, dict]:
     """Every row's scores for one stage: rows on disk are reused; the rest are scored ``ROWS_PER_CHUNK`` at a
-    time, each chunk appended (fsynced) as it finishes. Returns (stage meta, {(teacher, id): row})."""
+    time, each chunk appended (fsynced) as it finishes. Returns (stage meta, {(teacher, id): row}).
+
+    With several processes (``procs``) the rows to score are split (process r takes every world-th one from
+    r on), each process appends to its own shard, and the main process merges the shards after a barrier; every
+    process returns the merged rows. The main process decides what is to score and broadcasts it."""
+    procs = procs or Processes()
     rows = [(name, rec, row_key(name, rec)) for name, records in sets.items() for rec in records]
-    store = ResumableJsonl(stage.path(scores), KEY_FIELDS)
-    try:
-        todo = [r for r in rows if r[2] not in store.done_keys()]
-        if todo or not store.path.with_suffix(".meta.json").exists():
-            meta, score, held = likelihood_scorer(stage.model, cfg) if stage.name != "reward" else reward_scorer(cfg)
+
+    def missing(path: Path) -> list[int]:
+        done = _scored_keys(path)
+        return [k for k, row in enumerate(rows) if row[2] not in done]
+
+    need = todo = None
+    if procs.main:
+        merge_shards(stage.path(scores))  # rows that the processes of a killed run scored count as done
+        todo = missing(stage.path(scores))
+        need = bool(todo) or not stage.path(scores).with_suffix(".meta.json").exists()
+    if procs.from_main(need):
+        if procs.world > 1:
+            if procs.main and stage.model is not None:
+                from teacherfit.models import resolve_model
+
+                resolve_model(stage.model)  # a GGUF is converted once, here, before every process loads it
+            procs.barrier()
+        meta, score, held = (likelihood_scorer(stage.model, cfg, procs.device) if stage.name != "reward"
+                             else reward_scorer(cfg, procs.device, procs.world))
+        if procs.main:
+            before = stage.path(scores)
             stage.pin(meta.get("model") or meta["reward"])
-            if stage.path(scores) != store.path:  # the hub commit loaded is not the one the cache held
-                store.close()
-                store = ResumableJsonl(stage.path(scores), KEY_FIELDS)
-                todo = [r for r in rows if r[2] not in store.done_keys()]
-            atomic_write_json(store.path.with_suffix(".meta.json"), meta)
+            if stage.path(scores) != before:  # the hub commit loaded is not the one the cache held
+                merge_shards(stage.path(scores))
+                todo = missing(stage.path(scores))
+            atomic_write_json(stage.path(scores).with_suffix(".meta.json"), meta)
+        stage.spec, todo = procs.from_main((stage.spec, todo))
+        path = stage.path(scores)
+        mine = todo[procs.rank :: procs.world]
+        if procs.world > 1:
+            console.print(f"process {procs.rank} of {procs.world}: {stage.label}: {len(mine)} of {len(todo)} rows "
+                          "to score", highlight=False)
+        store = ResumableJsonl(path if procs.world == 1 else shard_path(path, procs.rank), KEY_FIELDS)
+        try:
             passes = 2 if stage.name != "reward" else 1
-            with progress_bar(f"{stage.label}: {len(todo)} rows to score", passes * len(todo)) as advance:
-                for at in range(0, len(todo), ROWS_PER_CHUNK):
-                    chunk = todo[at : at + ROWS_PER_CHUNK]
+            label = stage.label if procs.world == 1 else f"{stage.label} (process {procs.rank})"
+            with progress_bar(f"{label}: {len(mine)} rows to score", passes * len(mine)) as advance:
+                for at in range(0, len(mine), ROWS_PER_CHUNK):
+                    chunk = [rows[k] for k in mine[at : at + ROWS_PER_CHUNK]]
                     for (name, rec, key), values in zip(chunk, score([rec for _, rec, _ in chunk], advance)):
                         store.append({"teacher": name, "id": rec.id, "content": key[2], **values})
-            del held, score
-            from teacherfit.models import release_memory
+        finally:
+            store.close()
+        del held, score
+        from teacherfit.models import release_memory
 
-            release_memory()
-        done = {store.key_of(row): row for row in store.rows()}
-    finally:
-        store.close()
-    meta = json.loads(store.path.with_suffix(".meta.json").read_text())
+        release_memory()
+    path = stage.path(scores)
+    if procs.world > 1:
+        procs.barrier()  # every process's rows are in its shard
+        if procs.main:
+            merge_shards(path)
+        procs.barrier()  # the merged file is on disk
+    done = {tuple(row[f] for f in KEY_FIELDS): row for row in _read_rows(path)}
+    meta = json.loads(path.with_suffix(".meta.json").read_text())
     return meta, {(name, rec.id): done[key] for name, rec, key in rows}
 
 
@@ -435,9 +631,23 @@ def sample_texts(sets: dict[str, list[Record]]) -> dict[tuple[str, str], tuple[s
 
 
 def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
-    """Rank the teachers; ``dry_run`` runs every check that needs no weights, prints the plan and returns."""
-    stages = preflight(cfg)
-    sets, reports, common = load_sets(cfg)
+    """Rank the teachers; ``dry_run`` runs every check that needs no weights, prints the plan and returns.
+
+    Launched as several processes, they share the scoring (``run_stage``); only the main process makes the run
+    directory and writes the results, and the others return a result with no teachers after the last stage."""
+    world = launched_processes()
+    if world > 1 and cfg.reward.device_map is not None:
+        raise ConfigError(f"reward.device_map={cfg.reward.device_map!r} spreads one reward model over every visible "
+                          f"GPU from one process, but {world} processes were launched (accelerate launch / torchrun): "
+                          "run rank as one process, or unset reward.device_map")
+    procs = start_processes(cfg) if world > 1 and not dry_run else Processes()
+    quiet = int(os.environ.get("RANK", "0") or 0) != 0  # the main process reports
+    with procs.main_first(), _quiet(quiet):
+        stages = preflight(cfg)
+        sets, reports, common = load_sets(cfg)
+    rows_digest = _digest([row_key(name, rec) for name, records in sets.items() for rec in records])
+    if procs.from_main(rows_digest) != rows_digest:  # the processes split rows by position: the same rows, each
+        raise ValueError("the response sets changed while the processes of this run read them; run rank again")
     names = list(sets)
     notes = []
     for name, rep in reports.items():
@@ -445,11 +655,18 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         if missing > 0:
             notes.append(f"{name}: {missing} responses to instructions not answered by every teacher were left out")
     if dry_run:
-        return plan_rank(cfg, stages, sets, notes)
-    run_dir = prepare_run_dir(cfg, "rank")
+        with _quiet(quiet):
+            return plan_rank(cfg, stages, sets, notes)
+    run_dir = None
+    if procs.main:  # one process makes and locks the run directory; the others wait for it here
+        run_dir = prepare_run_dir(cfg, "rank")
+        (run_dir / "scores").mkdir(exist_ok=True)
+    run_dir = procs.from_main(run_dir)
     scores = run_dir / "scores"
-    scores.mkdir(exist_ok=True)
-    results_of = {stage.name: run_stage(stage, sets, cfg, scores) for stage in stages}
+    results_of = {stage.name: run_stage(stage, sets, cfg, scores, procs) for stage in stages}
+    procs.close()
+    if not procs.main:
+        return RankResult(run_dir, [], [], "", notes)
     student_meta, student = results_of["student"]
     if student_meta["plain_template"]:
         notes.append(f"the student {cfg.student} has no chat template: the documented plain template was used")
