@@ -261,8 +261,9 @@ def launched_processes() -> int:
 
 
 def start_processes(cfg: RankConfig) -> Processes:
-    """Join the other processes of this run (one process: nothing to join). Each scores on ``cuda:LOCAL_RANK``,
-    or on the CPU when ``models.device`` is cpu or there is no GPU."""
+    """Join the other processes of this run (one process: nothing to join). Each scores on ``cuda:LOCAL_RANK``
+    (GPUs shared round-robin when there are more processes than GPUs), or on the CPU when ``models.device`` is cpu
+    or there is no GPU."""
     world = launched_processes()
     if world <= 1:
         return Processes()
@@ -278,14 +279,21 @@ def start_processes(cfg: RankConfig) -> Processes:
         if device not in ("auto", "cuda"):
             raise ConfigError(f"models.device={device!r} names one device, but {world} processes were launched: "
                               "each process scores on its own GPU (cuda:LOCAL_RANK); set models.device=auto (or cpu)")
-        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-        if local >= gpus:
-            raise ConfigError(f"{world} processes were launched but this machine has {gpus} visible GPU(s): launch "
-                              f"at most {gpus} processes per machine, or set models.device=cpu")
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    # More processes on a machine than GPUs: they share the GPUs round-robin (small models, where one process
+    # cannot keep a GPU busy). NCCL allows one process per GPU, so they talk over gloo: a rank run's collectives
+    # are barriers and small Python objects, never tensors on the GPU.
+    shared = not on_cpu and int(os.environ.get("LOCAL_WORLD_SIZE", str(world))) > gpus
     owned = not dist.is_initialized()
     # a long wait at a barrier is normal here (a process converting a GGUF, or a slower share of the rows)
-    state = PartialState(cpu=on_cpu, timeout=timedelta(hours=2))
-    return Processes(state, owned=owned)
+    state = PartialState(cpu=on_cpu or shared, timeout=timedelta(hours=2))
+    procs = Processes(state, owned=owned)
+    if shared:
+        procs.device = f"cuda:{local % gpus}"
+        if procs.main:
+            console.print(f"[yellow]note:[/] {os.environ.get('LOCAL_WORLD_SIZE', world)} processes share this machine's "
+                          f"{gpus} GPU(s) (cuda:LOCAL_RANK % {gpus}), talking over gloo")
+    return procs
 
 
 @contextmanager
