@@ -64,7 +64,9 @@ def tiny_gemma2(tokenizer, seed=3):
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    # eager, as teacherfit loads it (models.load_model): before transformers 5.21 the default was sdpa, which
+    # drops the soft cap
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
 
 
 def tiny_teacher(tokenizer, seed=5):
@@ -359,8 +361,11 @@ def test_kd_sums_with_activation_checkpointing_inside_the_capture(tokenizer):
     grads = []
     for checkpointed in (False, True):
         student = tiny_llama(tokenizer, seed=11).train()
-        if checkpointed:
-            student.activation_checkpointing_enable()
+        if checkpointed:  # the non-reentrant checkpointing both names give (the newer one from transformers 5.23)
+            if hasattr(student, "activation_checkpointing_enable"):
+                student.activation_checkpointing_enable()
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with AttentionCapture(student, [0, 1]) as s_cap, AttentionCapture(teacher, [1, 3]) as t_cap:
             logits = student(ids, attention_mask=mask, use_cache=False).logits
             with torch.inference_mode():
@@ -435,3 +440,27 @@ def test_kd_sums_keep_no_map_for_backward(tokenizer):
     assert max(control) >= b * h * t * t
     (total / count).backward()
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_softcapped_attention_loads_eager_with_the_cap_applied(tokenizer, tmp_path):
+    """load_model gives Gemma 2 eager attention (the only kernel that applies attn_logit_softcapping): its logits are
+    those of the eager model, not those of an sdpa one, which drops the cap (transformers' default before 5.21)."""
+    from teacherfit.models import load_model
+    from tiny import save_tiny
+
+    model = tiny_gemma2(tokenizer)
+    with torch.no_grad():  # attention logits well past the cap (0.5), as a trained model's are past Gemma 2's 50
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+    folder = save_tiny(model, tokenizer, tmp_path / "gemma2")
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
+    assert loaded.model.config._attn_implementation == "eager"
+    ids = torch.tensor([tokenizer("Write a short poem about the sea.")["input_ids"]])
+    with torch.no_grad():
+        got = loaded.model(ids).logits
+        want = model(ids).logits
+        for layer in model.model.layers:  # what a kernel that drops the cap computes
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (uncapped - want).abs().max() > 1e-3  # the cap matters in this model: dropping it shows

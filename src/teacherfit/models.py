@@ -525,6 +525,16 @@ def load_text_config(spec: str, *, revision: str | None = None, trust_remote_cod
     return cfg, (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg)
 
 
+def _eager_for_softcapped_attention(model) -> None:
+    """Gemma 2's attention-logit soft cap is applied by the eager attention kernel only. Before transformers 5.21
+    (the versions vLLM 0.33 allows), such models loaded with sdpa by default and silently dropped the cap, so
+    every loss and score was slightly off; transformers 5.21+ forces eager itself. Asked for here on every version."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "attn_logit_softcapping", None) and getattr(text, "_attn_implementation", None) != "eager":
+        model.set_attn_implementation("eager")
+
+
 def load_model(
     spec: str,
     *,
@@ -562,6 +572,7 @@ def load_model(
             "Pass a hub id (with network access), a local Hugging Face folder, a .gguf file, "
             f"or a packaged model name: {', '.join(PACKAGED)}"
         ) from err
+    _eager_for_softcapped_attention(model)
     if placement:  # placed by transformers: never moved as a whole
         model.eval()
         dev = model.get_input_embeddings().weight.device
