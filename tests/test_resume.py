@@ -108,3 +108,38 @@ def test_sigkill_and_resume_gives_exactly_one_row_each(tmp_path, tokenizer, work
     ref = {json.loads(l)["id"]: json.loads(l)["messages"][-1]["content"]
            for l in (ref_out / "responses" / "tiny.jsonl").read_text().splitlines()}
     assert {r["id"]: r["messages"][-1]["content"] for r in rows} == ref
+
+
+def test_a_killed_worker_is_one_line_and_the_run_resumes(tmp_path, tokenizer):
+    """The worker alone dies (the OOM killer, say): the parent reports it in one line, exit 2, and the next run
+    finishes the set with the worker's rows kept."""
+    model_dir = save_tiny(tiny_llama(tokenizer, seed=11), tokenizer, tmp_path / "model")
+    out = tmp_path / "run"
+    cfg_path = _config(tmp_path, model_dir, out, "always", 2)
+    partial = out / "responses" / "tiny.partial.jsonl"
+    proc = _start(cfg_path)
+    worker, seen = None, b""
+    deadline = time.time() + 120
+    while worker is None and time.time() < deadline:
+        seen += proc.stdout.readline()
+        found = re.search(rb"generating in worker process (\d+)", seen)
+        worker = int(found.group(1)) if found else None
+    assert worker is not None, seen.decode()
+    while _count_complete_lines(partial) < 6 and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(worker, signal.SIGKILL)
+    output = (seen + proc.communicate(timeout=120)[0]).decode()
+    assert proc.returncode == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "worker process" in errors[0] and "run the same command again" in errors[0], output
+    assert "Traceback" not in output
+    kept = _count_complete_lines(partial)
+    assert 6 <= kept < N
+
+    proc = _start(cfg_path)
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())["teachers"][0]
+    assert (summary["resumed"], summary["generated_now"]) == (kept, N - kept)
+    ids = [json.loads(line)["id"] for line in (out / "responses" / "tiny.jsonl").read_text().splitlines()]
+    assert ids == [r.id for r in load_records(tmp_path / "instructions.jsonl").records]

@@ -51,12 +51,14 @@ def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
     from teacherfit.data import DataError
     from teacherfit.distill.train import TrainingDiverged
     from teacherfit.models import ModelError
+    from teacherfit.pipelines.generate import WorkerError
     from teacherfit.remote import RemoteError
 
     try:
         cfg = load_config(cls, config, overrides, **values)
         result = fn(cfg)
-    except (ConfigError, DataError, ModelError, RemoteError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+    except (ConfigError, DataError, ModelError, RemoteError, FileNotFoundError, ValueError, TrainingDiverged,
+            WorkerError) as err:
         message = _one_line(err)
         finish_runs(error=message)
         _fail(message)

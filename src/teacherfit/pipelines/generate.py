@@ -283,6 +283,10 @@ def preflight(cfg: GenerateConfig, records: list[Record]) -> dict[str, LoadRepor
     return files
 
 
+class WorkerError(RuntimeError):
+    """A teacher's worker process ended without finishing (reported in one line; its rows are kept)."""
+
+
 def in_worker(teacher: TeacherConfig, cfg: GenerateConfig) -> bool:
     """Whether this teacher generates in its own process (see ``GenerateConfig.worker_process``)."""
     if teacher.backend not in ("transformers", "vllm") or cfg.worker_process == "never":
@@ -375,10 +379,18 @@ def generate_in_worker(teacher: TeacherConfig, records: list[Record], cfg: Gener
             proc.join()
         receiver.close()
     if message is None:
-        raise RuntimeError(f"teacher {teacher.name!r}: its worker process {proc.pid} ended (exit code {proc.exitcode}) "
-                           "before it finished; the rows it wrote are kept: run the same command again to resume")
+        raise WorkerError(f"teacher {teacher.name!r}: its worker process {proc.pid} ended (exit code {proc.exitcode}) "
+                          "before it finished (killed? out of memory?); the rows it wrote are kept: run the same "
+                          "command again to resume")
     if message[0] == "error":
-        raise message[1]
+        from teacherfit.models import ModelError
+        from teacherfit.remote import RemoteError
+
+        err = message[1]
+        if isinstance(err, (ValueError, OSError, ModelError, RemoteError)):  # the user's to fix, as in process
+            raise err
+        raise WorkerError(f"teacher {teacher.name!r}: its worker process failed ({type(err).__name__}: {err}; its "
+                          "traceback is above); the rows it wrote are kept: run the same command again to resume")
     return message[1]
 
 
