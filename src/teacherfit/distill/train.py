@@ -416,8 +416,12 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        # made before the barrier: accelerate's save_state makes it on the main process only, while every process
+        # writes its own RNG state into it (a race the 2-process test lost now and then)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
