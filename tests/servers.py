@@ -87,3 +87,22 @@ def llama_cpp_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def serve_loopback(handler, state=None):
+    """A real HTTP server for ``handler`` (a ``BaseHTTPRequestHandler`` class) on a free loopback port, in a
+    thread; yields ``(its /v1 base URL, state)`` and shuts it down after."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -5,9 +5,7 @@ from pydantic import BaseModel
 
 from teacherfit.config import (
     ConfigError,
-    EvaluateConfig,
     GenerateConfig,
-    QuickstartConfig,
     RankConfig,
     apply_overrides,
     load_config,

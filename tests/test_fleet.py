@@ -13,10 +13,11 @@ import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterator
 
 import pytest
+from servers import serve_loopback
 import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -97,16 +98,8 @@ def scripted_server(respond: Responder) -> Iterator[tuple[str, Seen]]:
                 seen.requests.append(body)
             self._send(*respond(number, body))
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_loopback(Handler, seen) as served:
+        yield served
 
 
 def always_ok(number: int, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:

@@ -120,6 +120,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert distill["layer_map"]["14"] == 29 and len(distill["layer_map"]) == 15
     first, last = distill["first"], distill["final"]
     assert all(math.isfinite(first[k]) and first[k] > 0 for k in ("loss", "ce", "kd", "attn"))
+    assert all(math.isfinite(last[k]) and last[k] > 0 for k in ("loss", "kd", "attn"))
     assert first["loss"] == pytest.approx(first["ce"] * 0 + first["kd"] + first["attn"], rel=1e-6)  # lambda = 1
     assert (tmp_path / "qs" / "distill" / "model" / "model.safetensors").exists()
     assert "distill" in summary["seconds"]

@@ -4,7 +4,6 @@ mid-stage, and a dry run that loads nothing. Tiny real models; every run is comp
 import json
 
 import pytest
-import torch
 
 from teacherfit import models
 from teacherfit.config import RankConfig, finish_runs, load_config

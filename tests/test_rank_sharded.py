@@ -17,15 +17,9 @@ from teacherfit.config import RankConfig, finish_runs, load_config
 from teacherfit.data import Record, write_records
 from teacherfit.pipelines import rank
 from teacherfit.pipelines.rank import run_rank
+from test_rank_resume import ANSWERS, QUESTIONS  # the same response sets as the 1-process resume tests
 from tiny import save_tiny, tiny_llama, tiny_qwen2, tiny_reward_model
 
-QUESTIONS = ["Name a colour.", "What is the capital of France?", "Write a short poem about the sea.",
-             "def add(a, b):", "Translate good morning into French."]
-ANSWERS = {
-    "alpha": ["Red.", "Paris is the capital of France.", "The sea is blue and wide.", "return a + b", "bonjour"],
-    "beta": ["Blue and green.", "Paris.", "Waves on the sea, the sky above.", "    return a + b\n", "Bonjour!"],
-    "gamma": ["green", "France: Paris", "sea sky sea", "a + b", "good morning: bonjour"],
-}
 N_ROWS = 15  # 3 teachers x 5 instructions
 STAGES = {"student": "student", "ref": "reference LM", "reward": "reward"}
 SCORES = ("reward", "loss_student", "loss_student_uncond", "loss_ref", "loss_ref_uncond", "car", "ppl_student",

@@ -7,10 +7,11 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterator
 
 import pytest
+from servers import serve_loopback
 
 from teacherfit.generation import DecodingConfig
 from teacherfit.remote import (
@@ -142,17 +143,11 @@ def fake_server(respond: Responder) -> Iterator[tuple[str, FakeServer]]:
                     state.in_flight -= 1
             self._send(status, reply)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+        with serve_loopback(Handler, state) as served:
+            yield served
     finally:
         state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def fast_config(base_url: str, **overrides: Any) -> RemoteConfig:

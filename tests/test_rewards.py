@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterator
 
 import pytest
+from servers import serve_loopback
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
@@ -290,16 +290,8 @@ def scripted_server(reply: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterat
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_loopback(Handler, seen) as served:
+        yield served
 
 
 def chat_reply(content: str, tokens: list[tuple[str, list[tuple[str, float]]]] | None = None) -> dict[str, Any]:

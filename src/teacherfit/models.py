@@ -522,15 +522,18 @@ def load_model_config(spec: str, *, revision: str | None = None, trust_remote_co
 def load_text_config(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """``(config, its text config)``: the decoder's sizes for multimodal models too, without weights."""
     cfg = load_model_config(spec, revision=revision, trust_remote_code=trust_remote_code)
-    return cfg, (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg)
+    from teacherfit.scoring import text_config
+
+    return cfg, text_config(cfg)
 
 
 def _eager_for_softcapped_attention(model) -> None:
     """Gemma 2's attention-logit soft cap is applied by the eager attention kernel only. Before transformers 5.21
     (the versions vLLM 0.33 allows), such models loaded with sdpa by default and silently dropped the cap, so
     every loss and score was slightly off; transformers 5.21+ forces eager itself. Asked for here on every version."""
-    cfg = model.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    from teacherfit.scoring import text_config
+
+    text = text_config(model.config)
     if getattr(text, "attn_logit_softcapping", None) and getattr(text, "_attn_implementation", None) != "eager":
         model.set_attn_implementation("eager")
 

@@ -436,27 +436,15 @@ def _as_pool(client: ServerPool | OpenAI, cfg: RemoteConfig) -> ServerPool:
     return ServerPool(cfg, clients=[client])  # one call's pool: what it learns lasts that call
 
 
-def chat_completion(
-    client: ServerPool | OpenAI,
-    cfg: RemoteConfig,
-    messages: list[dict[str, str]],
-    *,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    n: int = 1,
-    logprobs: int | None = None,
-    stats: RequestStats | None = None,
-) -> dict[str, Any]:
+def chat_completion(client: ServerPool | OpenAI, cfg: RemoteConfig, messages: list[dict[str, str]],
+                    **options: Any) -> dict[str, Any]:
     """One chat completion request, retried on errors that can heal; returns the response as a dict.
 
-    ``client``: ``make_client(cfg)``. ``logprobs`` asks for that many top alternatives per generated token.
-    Raises ``RemoteError`` with a redacted description of the last error.
+    ``client``: ``make_client(cfg)``; ``options``: those of ``_chat_completion`` (max_tokens, temperature, top_p,
+    seed, n, logprobs: that many top alternatives per generated token, stats). Raises ``RemoteError`` with a
+    redacted description of the last error.
     """
-    response, _ = _chat_completion(client, cfg, messages, max_tokens=max_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed, n=n, logprobs=logprobs, stats=stats)
-    return response
+    return _chat_completion(client, cfg, messages, **options)[0]
 
 
 def _chat_completion(

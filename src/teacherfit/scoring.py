@@ -112,10 +112,16 @@ _LOGIT_SCALES: dict[str, tuple[str, bool]] = {
 _SOFTCAP_ATTRS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
+def text_config(config):
+    """The language model's part of a config (a multimodal wrapper's ``text_config``; the config itself otherwise):
+    the one place that asks, for every reader of heads, layers, context or soft caps."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def post_head_of(model_or_config) -> PostHead:
     """The post-head transform of a model (or of its config, e.g. for checks before any weights are read)."""
     cfg = getattr(model_or_config, "config", model_or_config)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text = text_config(cfg)
     scale = 1.0
     rule = _LOGIT_SCALES.get(getattr(cfg, "model_type", None))
     if rule is not None:
@@ -296,7 +302,7 @@ def pad_to_width(seqs: Sequence[Sequence[int]], pad_id: int, width: int) -> tupl
 def context_of(model) -> int | None:
     """The longest input a model's positions allow (None when its config does not say)."""
     cfg = model.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text = text_config(cfg)
     return getattr(text, "max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)
 
 

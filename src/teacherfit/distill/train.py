@@ -34,7 +34,7 @@ from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
 from teacherfit.distill.examples import TrainExample
 from teacherfit.distill.losses import chunked_head_losses, linear_head_params
 from teacherfit.models import trim_heap
-from teacherfit.scoring import PostHead, head_transform, pad_batch
+from teacherfit.scoring import PostHead, head_transform, pad_batch, text_config
 from teacherfit.store import atomic_write_json, atomic_write_text, flatten
 from teacherfit.ui import console, progress_bar
 
@@ -82,12 +82,12 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 
 def heads_of(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     return cfg.num_attention_heads
 
 
 def layers_of(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     return cfg.num_hidden_layers
 
 

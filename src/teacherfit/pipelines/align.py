@@ -28,7 +28,7 @@ from teacherfit.data import Record, load_records, tokenize_example
 from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import example_key, tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, RoutedTeacher, StartingWeightsTeacher, train
-from teacherfit.models import load_model, load_text_config, load_tokenizer, release_memory, resolve_model
+from teacherfit.models import load_model, load_text_config, load_tokenizer, release_memory
 from teacherfit.routing import DOMAIN, GENERAL, Routing, resample_to_share, route, sample_text, share_of
 from teacherfit.store import atomic_write_json, atomic_write_text, cached_json
 from teacherfit.ui import console, rich_table

@@ -19,6 +19,7 @@ from teacherfit.distill.compat import check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
 from teacherfit.distill.train import CachedTeacher, OnlineTeacher, decoder_of, layers_of, train
 from teacherfit.models import load_model, load_text_config, load_tokenizer
+from teacherfit.scoring import text_config
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import console
 
@@ -47,7 +48,7 @@ def shrink_layers(model: nn.Module, init: StudentInit) -> nn.Module:
         attn = getattr(layer, "self_attn", None)
         if attn is not None and hasattr(attn, "layer_idx"):
             attn.layer_idx = new_index  # KV cache and attention capture address layers by this index
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]

@@ -166,12 +166,12 @@ def likelihood_scorer(model_spec: str, cfg: RankConfig, device: str | None = Non
     one start token, so IFD compares like with like for every template and tokenizer.
     """
     from teacherfit.models import load_model
-    from teacherfit.scoring import score_padded
+    from teacherfit.scoring import context_of, score_padded
 
     loaded = load_model(model_spec, device=device or cfg.models.device, dtype=cfg.models.dtype,
                         trust_remote_code=cfg.models.trust_remote_code)
     tok = loaded.tokenizer
-    context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length
+    context = context_of(loaded.model) or cfg.max_length
     max_length = min(cfg.max_length, context)
     meta = {"model": loaded.provenance, "plain_template": chat_template_for(tok)[1], "max_length": max_length}
 
