@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,10 +33,29 @@ from typing import Any, Callable
 import numpy as np
 
 from teacherfit import metrics
-from teacherfit.config import ConfigError, RankConfig, ResponseSetConfig, config_digest, prepare_run_dir
-from teacherfit.data import (LoadReport, Record, chat_template_for, load_records, tokenize_example,
-                             tokenize_response_alone)
-from teacherfit.store import ResumableJsonl, atomic_write_bytes, atomic_write_json, sha256_json
+from teacherfit.config import (
+    ConfigError,
+    RankConfig,
+    ResponseSetConfig,
+    config_digest,
+    prepare_run_dir,
+)
+from teacherfit.data import (
+    LoadReport,
+    Record,
+    chat_template_for,
+    load_records,
+    tokenize_example,
+    tokenize_response_alone,
+)
+from teacherfit.launch import Processes, launched_processes, start_processes
+from teacherfit.launch import quiet as quiet_console
+from teacherfit.store import (
+    ResumableJsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    sha256_json,
+)
 from teacherfit.ui import console, progress_bar, rich_table
 
 AGG_METRICS = ["reward", "loss_student", "length", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
@@ -204,107 +222,6 @@ def reward_scorer(cfg: RankConfig, device: str | None = None, processes: int = 1
         return [{"reward": float(v)} for v in reward.score(records, on_batch=advance)]
 
     return {"reward": reward.provenance()}, score, reward
-
-
-class Processes:
-    """The processes one rank run is spread over: one, or several launched by ``accelerate launch`` / torchrun
-    (accelerate's ``PartialState``: gloo on CPUs, NCCL on GPUs, each process on its own device)."""
-
-    def __init__(self, state: Any = None, owned: bool = False):
-        self.state = state
-        self.owned = owned  # the process group was started here (and is ended by ``close``)
-        self.rank = state.process_index if state is not None else 0
-        self.world = state.num_processes if state is not None else 1
-        self.device = str(state.device) if state is not None else None  # None: models.device as configured
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
-    def from_main(self, value: Any) -> Any:
-        """The main process's ``value`` on every process (the others pass anything)."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value if self.main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    @contextmanager
-    def main_first(self):
-        """The main process runs the block first (files it may write: verified GGUFs...), the others after it."""
-        if not self.main:
-            self.barrier()
-        yield
-        if self.main:
-            self.barrier()
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as dist
-            from accelerate import PartialState
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            PartialState._reset_state()
-            self.owned = False
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (torchrun / accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def start_processes(cfg: RankConfig) -> Processes:
-    """Join the other processes of this run (one process: nothing to join). Each scores on ``cuda:LOCAL_RANK``
-    (GPUs shared round-robin when there are more processes than GPUs), or on the CPU when ``models.device`` is cpu
-    or there is no GPU."""
-    world = launched_processes()
-    if world <= 1:
-        return Processes()
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    device = cfg.models.device
-    on_cpu = device == "cpu" or not torch.cuda.is_available()
-    if not on_cpu:
-        if device not in ("auto", "cuda"):
-            raise ConfigError(f"models.device={device!r} names one device, but {world} processes were launched: "
-                              "each process scores on its own GPU (cuda:LOCAL_RANK); set models.device=auto (or cpu)")
-    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    # More processes on a machine than GPUs: they share the GPUs round-robin (small models, where one process
-    # cannot keep a GPU busy). NCCL allows one process per GPU, so they talk over gloo: a rank run's collectives
-    # are barriers and small Python objects, never tensors on the GPU.
-    shared = not on_cpu and int(os.environ.get("LOCAL_WORLD_SIZE", str(world))) > gpus
-    owned = not dist.is_initialized()
-    # a long wait at a barrier is normal here (a process converting a GGUF, or a slower share of the rows)
-    state = PartialState(cpu=on_cpu or shared, timeout=timedelta(hours=2))
-    procs = Processes(state, owned=owned)
-    if shared:
-        procs.device = f"cuda:{local % gpus}"
-        if procs.main:
-            console.print(f"[yellow]note:[/] {os.environ.get('LOCAL_WORLD_SIZE', world)} processes share this machine's "
-                          f"{gpus} GPU(s) (cuda:LOCAL_RANK % {gpus}), talking over gloo")
-    return procs
-
-
-@contextmanager
-def _quiet(on: bool):
-    """Silence this process's console in the block (the other processes of a run: the main one reports)."""
-    before = console.quiet
-    console.quiet = before or on
-    try:
-        yield
-    finally:
-        console.quiet = before
 
 
 def shard_path(path: Path, rank: int) -> Path:
@@ -648,9 +565,9 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         raise ConfigError(f"reward.device_map={cfg.reward.device_map!r} spreads one reward model over every visible "
                           f"GPU from one process, but {world} processes were launched (accelerate launch / torchrun): "
                           "run rank as one process, or unset reward.device_map")
-    procs = start_processes(cfg) if world > 1 and not dry_run else Processes()
+    procs = start_processes(cfg.models) if world > 1 and not dry_run else Processes()
     quiet = int(os.environ.get("RANK", "0") or 0) != 0  # the main process reports
-    with procs.main_first(), _quiet(quiet):
+    with procs.main_first(), quiet_console(quiet):
         stages = preflight(cfg)
         sets, reports, common = load_sets(cfg)
     rows_digest = _digest([row_key(name, rec) for name, records in sets.items() for rec in records])
@@ -663,7 +580,7 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         if missing > 0:
             notes.append(f"{name}: {missing} responses to instructions not answered by every teacher were left out")
     if dry_run:
-        with _quiet(quiet):
+        with quiet_console(quiet):
             return plan_rank(cfg, stages, sets, notes)
     run_dir = None
     if procs.main:  # one process makes and locks the run directory; the others wait for it here
