@@ -18,7 +18,8 @@ from teacherfit.cli import app
 from teacherfit.config import AlignConfig, CacheTeacherConfig, RoutingConfig, load_config
 from teacherfit.data import Record, write_records
 from teacherfit.distill.examples import example_key, tokenize_records, training_records
-from teacherfit.distill.train import Schedule, collate
+from teacherfit.distill.examples import collate
+from teacherfit.distill.train import Schedule
 from teacherfit.routing import (
     LogisticClassifier,
     RoutingError,

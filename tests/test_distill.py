@@ -18,7 +18,8 @@ from teacherfit.config import DistillConfig, TrainOptions, load_config
 from teacherfit.data import Record, write_records
 from teacherfit.distill.compat import KDIncompatible, check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
-from teacherfit.distill.train import Schedule, collate
+from teacherfit.distill.examples import collate
+from teacherfit.distill.train import Schedule
 from procs import killed_and_resumed
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 
@@ -315,24 +316,28 @@ def test_too_few_micro_batches_for_the_processes_is_refused_not_a_hang(n, batch,
 
 
 def test_several_processes_drop_only_an_epochs_last_micro_batches_that_cannot_be_shared():
-    """2 processes x grad_accum 2 = 4 micro-batches a step. 7 micro-batches: the last step's 3 are shared
-    (2 + 1), all seen. 5: the 5th alone would leave a process idle, so it is left out of the epoch."""
-    opts = TrainOptions(batch_size=1, grad_accum=2, epochs=1)
-    for n, expected in ((7, 7), (5, 4)):
-        ranks = [Schedule(n, opts, 2, r) for r in range(2)]
+    """2 processes x grad_accum 2 = 4 micro-batches a step; every process must run as many micro-batches as the
+    others in every step (FSDP2 / ZeRO-3 gather weights in each forward). 7 micro-batches: the last step's 3
+    become 2 (1 + 1). 5: the 5th alone is left out. 6: all seen (last step 1 + 1). 3 processes, 8: last step 2
+    of 6 per step would be 1 + 1 + 0: both left out."""
+    for world, n, expected in ((2, 7, 6), (2, 5, 4), (2, 6, 6), (3, 8, 6)):
+        opts = TrainOptions(batch_size=1, grad_accum=2, epochs=1)
+        ranks = [Schedule(n, opts, world, r) for r in range(world)]
         steps = range(ranks[0].total_steps)
         seen = [i for step in steps for s in ranks for m in s.step(step) for i in m]
-        assert all(s.step(step) for step in steps for s in ranks)
+        for step in steps:
+            assert len({len(s.step(step)) for s in ranks}) == 1 and ranks[0].step(step)  # same count, never 0
         assert len(seen) == expected and len(set(seen)) == expected
 
 
 def test_dry_run_checks_everything_and_loads_nothing(ws, tmp_path, monkeypatch):
     import teacherfit.pipelines.distill as pipeline
+    import teacherfit.pipelines.recipe as recipe
 
     def no_weights(*args, **kwargs):
         raise AssertionError("a dry run must not load weights")
 
-    monkeypatch.setattr(pipeline, "load_model", no_weights)
+    monkeypatch.setattr(recipe, "load_model", no_weights)
     out = tmp_path / "dry"
     plan = pipeline.run_distill(_cfg(ws, out, "kd.w_attn=0.5", "train.max_steps=null", "train.epochs=2"),
                                 dry_run=True)

@@ -677,7 +677,7 @@ def test_chunked_without_ce_and_under_no_grad():
 
 def test_fused_head_handles_bias_frozen_weight_and_padded_rows():
     """Bias gradients; a frozen head (LoRA-style) gets none; VocabHead's kept rows only; no_grad falls back."""
-    from teacherfit.distill.train import VocabHead
+    from teacherfit.models import VocabHead
 
     hidden, _, t_hidden, t_head, labels = head_setup(seed=4)
     g = torch.Generator().manual_seed(5)

@@ -16,7 +16,9 @@ from teacherfit.config import CacheTeacherConfig, KDConfig, ModelOptions, Respon
 from teacherfit.data import Record, tokenize_example
 from teacherfit.distill.cache import CacheMismatchError, TopKCache
 from teacherfit.distill.examples import TrainExample, example_key
-from teacherfit.distill.train import DistillModule, OnlineTeacher, StartingWeightsTeacher, collate
+from teacherfit.distill.examples import collate
+from teacherfit.distill.teachers import OnlineTeacher, StartingWeightsTeacher
+from teacherfit.distill.train import DistillModule
 from teacherfit.models import load_tokenizer
 from teacherfit.pipelines.cache_teacher import run_cache_teacher, teacher_topk
 from teacherfit.scoring import PostHead, UnsupportedHead, head_transform, lm_head_logits, post_head_of, score_examples
@@ -196,7 +198,7 @@ def test_online_kd_uses_both_models_own_logits(pair, fused, tokenizer):
     module = DistillModule(student, kd_cfg, vocab=None, layer_map=None, capture=None)
     signal = OnlineTeacher(teacher, vocab=None, attn_layers=None, device=torch.device("cpu"),
                            student_device=torch.device("cpu"))(micro)
-    sums = module(micro.input_ids, micro.attention_mask, micro.labels, **signal)
+    sums = module(micro.input_ids, micro.attention_mask, micro.labels, signal)
     student.eval()  # no dropout in these tiny configs; eval only for the reference's forward
     kd, ce = naive_kd_sums(student, teacher, micro, 1.5)
     # fp32 KL of two near-uniform tiny models: ~1e-5 of cancellation over the vocabulary sums
@@ -303,9 +305,9 @@ def test_starting_weights_teacher_is_the_base_model_with_lora_on_the_head(tokeni
     examples = [TrainExample(str(i), tokenize_example(tokenizer, c)) for i, c in enumerate(CHATS)]
     micro = collate(examples, tokenizer.pad_token_id)
     teacher = StartingWeightsTeacher(model, vocab=None, student_device=torch.device("cpu"))
-    signal = teacher(micro)
+    signal = teacher(micro).routes[0].signal
     with torch.no_grad():
-        got = signal["teacher_post_head"](signal["teacher_head"](signal["teacher_hidden"]).float())
+        got = signal.post_head(signal.head(signal.hidden).float())
         want = reference(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits.float()
         adapted = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits.float()
     real = micro.attention_mask.bool()

@@ -179,6 +179,17 @@ class StudentInit(Strict):
     )
 
 
+class LossWeights(BaseModel):
+    """Weights of the loss terms (``KDConfig.weights``); ``total`` mixes per-token means into the logged loss."""
+
+    ce: float
+    pred: float
+    attn: float
+
+    def total(self, ce: float, kd: float, attn: float = 0.0) -> float:
+        return self.ce * ce + self.pred * kd + self.attn * attn
+
+
 class KDConfig(Strict):
     """L = (1 - lambda) * CE + lambda * (w_pred * L_pred + w_attn * L_attn); defaults as the paper's configs."""
 
@@ -203,6 +214,10 @@ class KDConfig(Strict):
     fused_head: bool = Field(
         True, description="Compute the head's gradients chunk by chunk in forward (no recompute); off: checkpointed chunks."
     )
+
+    def weights(self) -> LossWeights:
+        """The loss mix, decided here once: L = (1 - lambda) CE + lambda (w_pred L_pred + w_attn L_attn)."""
+        return LossWeights(ce=1 - self.lambda_, pred=self.lambda_ * self.w_pred, attn=self.lambda_ * self.w_attn)
 
     def chunk_for(self, vocab: int) -> int:
         """head_chunk, or the default for this vocabulary size: 2^25 logits per chunk, within [32, 4096] tokens."""
@@ -267,6 +282,9 @@ class TrainOptions(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student decoder's activations in backward (less memory, ~1/3 more student compute)."
     )
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved model; 'auto' = the dtype training computed in (bf16 on GPUs with bf16, "
+        "fp32 on the CPU).")
     report_to: str | list[str] = Field(
         "none", validate_default=True, description="Experiment trackers for the training metrics, besides log.jsonl (as Transformers' "
         "report_to): 'none', 'all' (every installed one), or names among " + ", ".join(TRACKERS) + " (accelerate's "
@@ -289,20 +307,26 @@ class TrainData(Strict):
     on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
 
 
-class DistillConfig(Strict):
-    """`teacherfit distill`: L = (1 - lambda) CE + lambda (w_pred L_pred + w_attn L_attn)."""
+class TrainingJob(Strict):
+    """What every training command has: the student, its data, the loss, the optimisation, LoRA, models, run dir."""
 
-    student: str = Field(description="Student model (hub id, folder, .gguf, packaged name), or see student_init.")
-    student_init: StudentInit | None = None
-    teacher: str | None = Field(None, description="Online teacher (frozen, eval mode).")
-    teacher_cache: Path | None = Field(None, description="Offline top-k cache from `cache-teacher` (no teacher loaded).")
-    teacher_device: str | None = Field(None, description="Device of the online teacher (default: the student's).")
+    student: str = Field(description="Student model (hub id, folder, .gguf, packaged name).")
+    teacher_device: str | None = Field(None, description="Device of online teachers (one process only; default: the "
+                                       "student's, which is accelerate's device for this process).")
     data: TrainData
     kd: KDConfig = KDConfig()
     train: TrainOptions = TrainOptions()
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full fine-tune).")
     models: ModelOptions = ModelOptions()
-    out: Path | None = Field(None, description="Run directory (default: runs/distill-<config digest>); re-run to resume.")
+    out: Path | None = Field(None, description="Run directory (default: runs/<command>-<config digest>); re-run to resume.")
+
+
+class DistillConfig(TrainingJob):
+    """`teacherfit distill`: L = (1 - lambda) CE + lambda (w_pred L_pred + w_attn L_attn)."""
+
+    student_init: StudentInit | None = Field(None, description="Build the student from a subset of `student`'s layers.")
+    teacher: str | None = Field(None, description="Online teacher (frozen, eval mode).")
+    teacher_cache: Path | None = Field(None, description="Offline top-k cache from `cache-teacher` (no teacher loaded).")
 
 
 class CacheTeacherConfig(Strict):
@@ -346,30 +370,24 @@ class HeldoutSets(Strict):
     max_tokens: int = Field(4096, ge=64, description="Token budget per scoring batch.")
 
 
-class AlignConfig(Strict):
+class AlignConfig(TrainingJob):
     """Domain Alignment from Expert: L = (1 - lambda) CE + lambda tau^2 KL(p* || p_S), p* routed per sample."""
 
-    student: str = Field(description="Student model being trained (hub id, folder, .gguf, packaged name).")
     expert: str | None = Field(None, description="Frozen domain expert (same tokenizer as the student).")
     expert_cache: Path | None = Field(None, description="Or the expert's top-k cache from `cache-teacher` (not loaded).")
     reference: str | None = Field(None, description="Frozen general reference model. 'student': the student's own "
                                   "starting weights (a LoRA student with adapters off: no second copy in memory), "
                                   "so DAE keeps what the student already does on general samples.")
     reference_cache: Path | None = Field(None, description="Or the reference model's top-k cache from `cache-teacher`.")
-    teacher_device: str | None = Field(None, description="Device of online teachers (default: the student's).")
-    data: TrainData
     routing: RoutingConfig = RoutingConfig()
     domain_share: float | None = Field(None, gt=0, lt=1, description="Resample the training mix (seeded) to this "
                                        "share of domain samples, keeping the number of samples; unset: as routed.")
     heldout: HeldoutSets = HeldoutSets()
     kd: KDConfig = Field(KDConfig(w_attn=0.0), description="lambda, temperature, divergence; attention KD is not part of DAE.")
     train: TrainOptions = Field(TrainOptions(weight_decay=0.0), description="As distill's (the paper's DAE: weight decay 0).")
-    lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full fine-tune).")
     evaluate: dict[str, Any] | None = Field(
         None, description="Optional `teacherfit evaluate` settings (without student): judged scores of the student "
         "before and after, side by side. Off when unset (judging is slow).")
-    models: ModelOptions = ModelOptions()
-    out: Path | None = Field(None, description="Run directory (default: runs/align-<config digest>); re-run to resume.")
 
     @field_validator("kd", "train", mode="before")
     @classmethod

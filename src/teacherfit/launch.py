@@ -116,3 +116,146 @@ def quiet(on: bool):
         yield
     finally:
         console.quiet = before
+
+
+# ---------------------------------------------------------------- training: the Accelerator, checked
+
+REQUESTS = {"single": "one process", "ddp": "data parallel (DDP)", "fsdp2": "FSDP2 (torch fully_shard)",
+            "deepspeed": "DeepSpeed"}
+
+
+def requested_distribution() -> str:
+    """What the launch asked for, from the environment ``accelerate launch`` sets from its config (torchrun alone:
+    DDP): 'deepspeed', 'fsdp2', 'fsdp1', 'ddp' or 'single'."""
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if flag("ACCELERATE_USE_FSDP"):
+        return "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
+    return "ddp" if launched_processes() > 1 else "single"
+
+
+def training_accelerator(models: ModelOptions, opts: Any, *, project_dir: Any = None):
+    """The Accelerator of a training run, with the distribution the launch asked for really in effect.
+
+    Mixed precision: bf16 (fp16 without bf16 support) autocast on CUDA over fp32 master weights, unless
+    ``models.dtype`` is float32; none on the CPU. Gradient accumulation is ``train.grad_accum`` (what DeepSpeed's
+    engine is told too); the schedule steps once per optimizer step on every launcher. FSDP2 on CPUs: accelerate
+    enables FSDP on accelerators only (``Accelerator(cpu=True)`` silently runs plain DDP), while torch's
+    ``fully_shard`` runs on the CPU over gloo; so on a CPU launch that asks for FSDP2, the accelerator is switched
+    to accelerate's own FSDP2 path (the one GPUs take). A launch whose request is not in effect stops here with
+    what to change, before any weights are read.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    want = requested_distribution()
+    if want == "fsdp1":
+        raise ConfigError("the launch asks for FSDP version 1; teacherfit trains with FSDP2 (torch's fully_shard): set "
+                          "`fsdp_version: 2` in the accelerate config's fsdp_config (configs/accelerate/fsdp.yaml)")
+    cpu = models.device == "cpu" or not torch.cuda.is_available()
+    mixed = "no" if cpu or models.dtype in ("float32", "fp32") else (
+        "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": mixed, "gradient_accumulation_steps": opts.grad_accum,
+                              "step_scheduler_with_optimizer": False,  # else it steps once per process per step
+                              "log_with": list(opts.report_to) or None,
+                              "project_dir": None if project_dir is None else str(project_dir)}
+    if want == "deepspeed":
+        kwargs["deepspeed_plugin"] = _deepspeed_plugin(opts, cpu)
+    if want == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # its settings from the launch's environment
+    accelerator = Accelerator(**kwargs)
+    if want == "fsdp2" and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        from accelerate.state import PartialState
+
+        # both shared states: AcceleratorState copies PartialState's each time it is constructed
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
+    effective = {DistributedType.FSDP: "fsdp2" if accelerator.is_fsdp2 else "fsdp1",
+                 DistributedType.DEEPSPEED: "deepspeed", DistributedType.NO: "single"}.get(
+        accelerator.distributed_type, "ddp" if accelerator.num_processes > 1 else "single")
+    if effective != want or accelerator.num_processes != launched_processes():
+        raise ConfigError(
+            f"the launch asked for {REQUESTS.get(want, want)} on {launched_processes()} process(es), but accelerate "
+            f"runs {accelerator.distributed_type.value} on {accelerator.num_processes}: check the accelerate config "
+            "(distributed_type, num_processes, use_cpu) and that the backend is installed (pip install deepspeed)")
+    if want == "deepspeed":
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = opts.batch_size
+    if accelerator.num_processes > 1 and models.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"models.device={models.device!r} names one device, but {accelerator.num_processes} "
+                          "processes train: each uses its own (accelerate's device); set models.device=auto (or cpu)")
+    return accelerator
+
+
+def _deepspeed_plugin(opts: Any, cpu: bool):
+    """accelerate's DeepSpeed plugin from the launch's environment, with what teacherfit's config decides filled in:
+    accumulation steps and clipping (a differing value in the accelerate config is refused, not mixed)."""
+    try:
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()
+    except ImportError:
+        raise ConfigError("the launch asks for DeepSpeed, which is not installed: pip install deepspeed") from None
+    for key, ours, field in (("gradient_accumulation_steps", opts.grad_accum, "train.grad_accum"),
+                             ("gradient_clipping", opts.max_grad_norm, "train.max_grad_norm")):
+        theirs = plugin.deepspeed_config.get(key, "auto")
+        if theirs not in ("auto", None) and float(theirs) != float(ours):
+            raise ConfigError(f"the DeepSpeed config sets {key}={theirs} but {field}={ours}: set it to 'auto' in the "
+                              f"accelerate config (teacherfit's {field} decides) or give the same value")
+        plugin.deepspeed_config[key] = ours
+    plugin.gradient_accumulation_steps = opts.grad_accum
+    return plugin
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the student's weights are split across processes (FSDP, ZeRO-3): saving then needs a gather."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def shard_frozen(model: Any, accelerator) -> bool:
+    """Shard a frozen teacher across the processes the way the student is (FSDP2 / ZeRO-3), so a teacher larger
+    than one device fits; returns whether it was sharded (its forward is then a collective).
+
+    FSDP2: each decoder layer is ``fully_shard``-ed on its own (torch's API; gathered for its forward, freed after),
+    so the bulk of the weights is split; embeddings, final norm and head stay whole on every process, because the
+    KD chunks call the teacher's head outside its forward. ZeRO-3: ``deepspeed.initialize`` with an inference-only
+    stage-3 config (no optimizer), as TRL prepares its GKD teacher."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes == 1 or not is_sharded(accelerator):
+        return False
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        from teacherfit.models import decoder_of
+
+        for layer in decoder_of(model).layers:
+            fully_shard(layer, reshard_after_forward=True)
+        return True
+    import deepspeed
+
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    config = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": bool(ds.get("bf16", {}).get("enabled", False))},
+              "fp16": {"enabled": bool(ds.get("fp16", {}).get("enabled", False))}}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.module.eval()
+    return True
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes a run's outputs (RANK 0 of a launch, or the only one)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -589,3 +590,39 @@ def load_model(
     if resolved.kind == "hub":
         prov["revision"] = getattr(model.config, "_commit_hash", None) or prov["revision"]
     return LoadedModel(model, tokenizer, prov, dev, dt)
+
+
+# ---------------------------------------------------------------- the parts of a causal LM the runtime reads
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) of a causal LM, through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+class VocabHead(nn.Module):
+    """An LM head restricted to the first ``size`` rows: drops padded vocabulary rows no token uses."""
+
+    def __init__(self, head: nn.Module, size: int):
+        super().__init__()
+        self.head, self.size = head, size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)[..., : self.size]
+
+    def linear_params(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The kept rows of a plain linear head (for the fused head loss), else None."""
+        if type(self.head) is not nn.Linear:
+            return None
+        bias = self.head.bias
+        return self.head.weight[: self.size], None if bias is None else bias[: self.size]
+
+
+def output_head(model: nn.Module, vocab: int | None = None) -> nn.Module:
+    """The model's LM head, cut to ``vocab`` rows when given (the config's row count, never the weight's: a
+    partitioned weight may hold no rows on this process)."""
+    from teacherfit.scoring import text_config
+
+    head = model.get_output_embeddings()
+    return head if vocab is None or text_config(model.config).vocab_size == vocab else VocabHead(head, vocab)

@@ -195,6 +195,12 @@ def head_transform(model) -> PostHead:
     return post
 
 
+
+def active_post_head(model) -> PostHead | None:
+    """``head_transform(model)`` for the KD losses: None when the transform is the identity (nothing to apply)."""
+    post = head_transform(model)
+    return None if post.identity else post
+
 def head_dtype(head) -> torch.dtype:
     weight = getattr(head, "weight", None)
     return weight.dtype if weight is not None else next(head.parameters()).dtype

@@ -13,8 +13,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from teacherfit.config import TrainData
 from teacherfit.data import Record, TokenizedExample, load_records, record_id, tokenize_example
+from teacherfit.scoring import pad_batch
 
 
 def example_key(record: Record) -> str:
@@ -88,3 +91,32 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int) -> tuple
         out.append(TrainExample(example_key(r), ex))
     stats["examples"] = len(out)
     return out, stats
+
+
+@dataclass
+class Micro:
+    """One micro-batch: padded ids, mask, labels, and the example keys (for the cache and error messages)."""
+
+    keys: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    @property
+    def loss_tokens(self) -> int:
+        return int((self.labels[:, 1:] != -100).sum())
+
+    @property
+    def query_tokens(self) -> int:
+        return int((self.labels != -100).sum())
+
+    def select(self, rows: Tensor) -> Micro:
+        """The sub-batch of these rows, at the same padded width (positions line up with the whole batch's)."""
+        return Micro([self.keys[i] for i in rows.tolist()], self.input_ids.index_select(0, rows),
+                     self.attention_mask.index_select(0, rows), self.labels.index_select(0, rows))
+
+
+def collate(examples: list[TrainExample], pad_id: int) -> Micro:
+    ids, mask = pad_batch([e.tokens.input_ids for e in examples], pad_id)
+    labels, _ = pad_batch([e.tokens.labels for e in examples], -100)
+    return Micro([e.key for e in examples], ids, mask, labels)

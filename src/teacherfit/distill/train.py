@@ -1,17 +1,19 @@
 """The distillation training runtime: one loop for `distill` and `align`, built on accelerate.
 
-The loop is in view: each optimizer step takes ``grad_accum`` micro-batches, computes the loss
-terms as *sums*, divides them by the real token counts of the whole step (across micro-batches and
-processes), backpropagates, clips, steps AdamW and the cosine schedule. The data order is a pure function
-of (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+The loop is in view: ``Trainer.step`` (the public training step, also what ``benchmarks/bench_distill.py``
+times) takes ``grad_accum`` micro-batches, computes the loss terms as *sums*, divides them by the real token counts
+of the whole step (across micro-batches and processes), backpropagates with gradient sync on the last micro-batch,
+clips, steps AdamW and the cosine schedule. The data order is a pure function of (seed, epoch), so a resumed run
+sees exactly the batches the uninterrupted run would have seen.
 
 Memory: the student's LM head and the KD loss run over chunks of response tokens inside
-``DistillModule.forward`` (so FSDP sees one module), attention maps only for mapped layers in query chunks;
-the teacher runs frozen in inference mode, or is replaced by the offline top-k cache.
+``DistillModule.forward`` (so FSDP2 and DeepSpeed see one module), attention maps only for mapped layers in query
+chunks; the teacher runs frozen in inference mode (sharded like the student when the launch shards), or is
+replaced by the offline top-k cache.
 
-DAE (`align`) uses the same loop with a ``RoutedTeacher``: one teacher per route (the domain expert and
-the general reference model, each online or from its cache); each micro-batch's rows go to their route's
-teacher, and ``DistillModule`` runs the student once and the head loss once per route on that route's rows.
+Teachers answer with a typed signal (``distill.teachers``): routes of rows, each with its teacher's targets.
+`distill` is one route over every row; DAE (`align`) routes domain rows to the expert and the others to the
+reference model, and ``DistillModule`` runs the student once and the head loss once per route.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from torch import Tensor, nn
 
 from teacherfit.config import AlignConfig, DistillConfig, KDConfig, TrainOptions
 from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
-from teacherfit.distill.examples import TrainExample
-from teacherfit.distill.losses import chunked_head_losses, linear_head_params
-from teacherfit.models import trim_heap
-from teacherfit.scoring import PostHead, head_transform, pad_batch, text_config
+from teacherfit.distill.examples import Micro, TrainExample, collate
+from teacherfit.distill.losses import chunked_head_losses
+from teacherfit.distill.teachers import HeadSignal, Route, Teacher, TeacherSignal
+from teacherfit.models import decoder_of, output_head, trim_heap
+from teacherfit.scoring import active_post_head, text_config
 from teacherfit.store import atomic_write_json, atomic_write_text, flatten
 from teacherfit.ui import console, progress_bar
 
@@ -44,75 +47,6 @@ CKPT_DIR = "checkpoints"
 
 class TrainingDiverged(RuntimeError):
     """A loss term became NaN or inf; the run stopped and the last good checkpoint is kept."""
-
-
-class VocabHead(nn.Module):
-    """An LM head restricted to the first ``size`` rows: drops padded vocabulary rows no token uses."""
-
-    def __init__(self, head: nn.Module, size: int):
-        super().__init__()
-        self.head, self.size = head, size
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.head(hidden)[..., : self.size]
-
-    def linear_params(self) -> tuple[Tensor, Tensor | None] | None:
-        """The kept rows of a plain linear head (for the fused head loss), else None."""
-        params = linear_head_params(self.head)
-        if params is None:
-            return None
-        weight, bias = params
-        return weight[: self.size], None if bias is None else bias[: self.size]
-
-
-def output_head(model: nn.Module, vocab: int | None = None) -> nn.Module:
-    head = model.get_output_embeddings()
-    return head if vocab is None or head.weight.shape[0] == vocab else VocabHead(head, vocab)
-
-
-def post_head(model: nn.Module) -> PostHead | None:
-    """The model's post-head transform for ``chunked_head_losses`` (checked against its forward), None if identity."""
-    post = head_transform(model)
-    return None if post.identity else post
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return base.get_decoder()
-
-
-def heads_of(model: nn.Module) -> int:
-    cfg = text_config(model.config)
-    return cfg.num_attention_heads
-
-
-def layers_of(model: nn.Module) -> int:
-    cfg = text_config(model.config)
-    return cfg.num_hidden_layers
-
-
-@dataclass
-class Micro:
-    """One micro-batch: padded ids, mask, labels, and the example keys (for the cache and error messages)."""
-
-    keys: list[str]
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-
-    @property
-    def loss_tokens(self) -> int:
-        return int((self.labels[:, 1:] != -100).sum())
-
-    @property
-    def query_tokens(self) -> int:
-        return int((self.labels != -100).sum())
-
-
-def collate(examples: list[TrainExample], pad_id: int) -> Micro:
-    ids, mask = pad_batch([e.tokens.input_ids for e in examples], pad_id)
-    labels, _ = pad_batch([e.tokens.labels for e in examples], -100)
-    return Micro([e.key for e in examples], ids, mask, labels)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -130,16 +64,17 @@ class Schedule:
     short step is an unbiased step). No step mixes two epochs, so ``epochs`` whole epochs see each example
     exactly ``epochs`` times; ``total_steps = round(epochs * steps_per_epoch)`` (at least 1) for fractional
     epochs, or ``max_steps``. With several processes the last step of an epoch needs a micro-batch for every
-    process (DDP syncs once per step): an epoch's last fewer-than-``world`` micro-batches are left out.
+    process, and the same number on every process: an epoch's last ``short % world`` micro-batches are left out.
     """
 
     def __init__(self, n_examples: int, opts: TrainOptions, world: int = 1, rank: int = 0):
         self.n, self.opts, self.world, self.rank = n_examples, opts, world, rank
         self.per_step = opts.grad_accum * world
         micro = math.ceil(n_examples / opts.batch_size)
-        short = micro % self.per_step
-        if 0 < short < world:  # a process with no micro-batch in a step would leave DDP's gradient sync waiting
-            micro -= short
+        # every process runs the same number of micro-batches in every step: DDP syncs once per step, and FSDP2
+        # and ZeRO-3 gather weights in every forward, so a process with one forward more would wait forever.
+        # An epoch's short last step is cut to a multiple of ``world`` (at most world - 1 micro-batches left out)
+        micro -= (micro % self.per_step) % world
         if micro < world:  # zero included: trimming can leave nothing for the other processes
             raise ValueError(f"{n_examples} training examples at batch_size={opts.batch_size} make "
                              f"{math.ceil(n_examples / opts.batch_size)} micro-batches, too few for {world} "
@@ -158,216 +93,189 @@ class Schedule:
 
 
 class DistillModule(nn.Module):
-    """The student plus the whole loss, so that wrappers (DDP, FSDP, DeepSpeed) see a single forward."""
+    """The student plus the whole loss, so that wrappers (DDP, FSDP2, DeepSpeed) see a single forward.
+
+    The teacher's signal comes as routes (``distill.teachers``): the student runs once, then the fused head
+    loss runs once per route on that route's rows against that route's teacher. Routes partition the rows, so
+    the per-route CE sums add up to the batch's CE (each token once) and the KD sums to the sum over tokens of
+    D(p* || p_S), p* the row's teacher; ``parts`` keeps each route's KD sum for the log (several routes only).
+    """
 
     def __init__(self, student: nn.Module, kd: KDConfig, *, vocab: int | None, layer_map: dict[int, int] | None,
                  capture: AttentionCapture | None):
         super().__init__()
         self.student = student
         self.kd = kd
+        self.weights = kd.weights()
         self.vocab = vocab
         self.layer_map = layer_map
         self.capture = capture
-        self.post_head = post_head(student)
+        self.post_head = active_post_head(student)
+        # read from the config, never from the weight (a ZeRO-3 partition holds no rows on this process)
+        self.head_chunk = kd.chunk_for(vocab or text_config(student.config).vocab_size)
+        # FSDP2's transformer-layer wrapping reads the wrapped model's layer classes
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, labels, *, teacher_hidden=None, teacher_head=None,
-                teacher_post_head=None, teacher_topk=None, teacher_captured=None,
-                teacher_routes=None, divergence_kwargs=None) -> dict[str, Any]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                signal: TeacherSignal | None = None) -> dict[str, Any]:
         if self.capture is not None:
             self.capture.clear()
         hidden = decoder_of(self.student)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if teacher_routes is not None:
-            return self._routed_sums(hidden, labels, teacher_routes)
-        sums = self._head_sums(hidden, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                               teacher_post_head=teacher_post_head, teacher_topk=teacher_topk,
-                               divergence_kwargs=divergence_kwargs)
-        if self.capture is not None and teacher_captured is not None:
-            attn_sum, attn_count = attention_kd_sums(
-                self.capture, teacher_captured, self.layer_map, labels != -100,
-                head_map=self.kd.head_map, query_chunk=self.kd.query_chunk,
-            )
-            sums["attn_sum"], sums["attn_count"] = attn_sum, attn_count
-        return sums
-
-    def _routed_sums(self, hidden: Tensor, labels: Tensor, routes: list[dict[str, Any]]) -> dict[str, Any]:
-        """DAE: the head loss once per route, on that route's rows, against that route's teacher.
-
-        Routes partition the rows, so the per-route CE sums add up to the batch's CE (each token once) and the
-        KD sums to sum over tokens of KL(p* || p_S), p* the routed teacher. ``parts`` keeps each route's KD sum
-        for the log; a route with no row in this micro-batch costs nothing and adds 0.
-        """
+        routes = signal.routes if signal is not None and signal.routes else [Route("teacher", None, None)]
         total: dict[str, Any] = {}
         parts: dict[str, Tensor] = {}
         for route in routes:
-            rows = route["rows"].to(hidden.device)
-            name = route["name"]
-            if rows.numel() == 0:
-                parts[f"kd_{name}"] = torch.zeros((), device=hidden.device)
+            if route.rows is not None and route.rows.numel() == 0:
+                parts[f"kd_{route.name}"] = torch.zeros((), device=hidden.device)
                 continue
-            signal = {k: v for k, v in route.items() if k not in ("rows", "name")}
-            sums = self._head_sums(hidden.index_select(0, rows), labels.index_select(0, rows), **signal)
-            parts[f"kd_{name}"] = sums["kd_sum"].detach()
+            if route.rows is None:
+                h, y = hidden, labels
+            else:
+                rows = route.rows.to(hidden.device)
+                h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
+            sums = self._head_sums(h, y, route.signal)
+            parts[f"kd_{route.name}"] = sums["kd_sum"].detach()
             for key in ("loss_sum", "kd_sum", "ce_sum", "n_tokens"):
                 total[key] = total[key] + sums[key] if key in total else sums[key]
         if not total:
             raise ValueError("no routed rows in a micro-batch: every row needs a route")
-        total["parts"] = parts
+        if len(routes) > 1:
+            total["parts"] = parts
+        attention = routes[0].signal.attention if len(routes) == 1 and routes[0].signal is not None else None
+        if self.capture is not None and attention is not None:
+            attn_sum, attn_count = attention_kd_sums(
+                self.capture, attention, self.layer_map, labels != -100,
+                head_map=self.kd.head_map, query_chunk=self.kd.query_chunk,
+            )
+            total["attn_sum"], total["attn_count"] = attn_sum, attn_count
         return total
 
-    def _head_sums(self, hidden: Tensor, labels: Tensor, *, teacher_hidden=None, teacher_head=None,
-                   teacher_post_head=None, teacher_topk=None, divergence_kwargs=None) -> dict[str, Any]:
+    def _head_sums(self, hidden: Tensor, labels: Tensor, signal: HeadSignal | None) -> dict[str, Any]:
+        signal = signal or HeadSignal()
         return chunked_head_losses(
             hidden[:, :-1],
             output_head(self.student, self.vocab),
             labels[:, 1:],
-            teacher_hidden=None if teacher_hidden is None else teacher_hidden[:, :-1],
-            teacher_head=teacher_head,
-            teacher_topk=teacher_topk,
+            teacher_hidden=None if signal.hidden is None else signal.hidden[:, :-1],
+            teacher_head=signal.head,
+            teacher_topk=signal.topk,
             divergence=self.kd.divergence,
-            divergence_kwargs={**self.kd.divergence_kwargs, **(divergence_kwargs or {})} or None,
+            divergence_kwargs={**self.kd.divergence_kwargs, **(signal.divergence_kwargs or {})} or None,
             temperature=self.kd.temperature,
-            chunk_size=self.kd.chunk_for(self.student.get_output_embeddings().weight.shape[0]),
+            chunk_size=self.head_chunk,
             post_head=self.post_head,
-            teacher_post_head=teacher_post_head,
-            kd_weight=self.kd.lambda_ * self.kd.w_pred,
-            ce_weight=1 - self.kd.lambda_,
+            teacher_post_head=signal.post_head,
+            kd_weight=self.weights.pred,
+            ce_weight=self.weights.ce,
             fused=self.kd.fused_head,
         )
 
 
-class OnlineTeacher:
-    """The frozen teacher run beside the student (same or another device), in inference mode."""
+class Trainer:
+    """Everything an optimizer step needs, prepared by accelerate: ``step`` is the public training step that the
+    loop (``train``) and the benchmark (``benchmarks/bench_distill.py``) both call.
 
-    def __init__(self, model: nn.Module, *, vocab: int | None, attn_layers: list[int] | None,
-                 device: torch.device, student_device: torch.device):
-        import copy
-
-        self.model = model.eval().requires_grad_(False)
-        head = output_head(model, vocab)
-        # the KD chunks run where the student's hidden states are: a copy of the head only if devices differ
-        self.head = head if device == student_device else copy.deepcopy(head).to(student_device)
-        self.post_head = post_head(model)  # before the capture hooks: the check runs a forward
-        self.device, self.student_device = device, student_device
-        self.capture = AttentionCapture(model, attn_layers) if attn_layers else None
-        if self.capture is not None:
-            self.capture.__enter__()
-
-    def __call__(self, micro: Micro) -> dict[str, Any]:
-        if self.capture is not None:
-            self.capture.clear()
-        with torch.no_grad():
-            hidden = decoder_of(self.model)(input_ids=micro.input_ids.to(self.device),
-                                            attention_mask=micro.attention_mask.to(self.device)).last_hidden_state
-        signal: dict[str, Any] = {"teacher_hidden": hidden.to(self.student_device), "teacher_head": self.head,
-                                  "teacher_post_head": self.post_head}
-        if self.capture is not None:
-            signal["teacher_captured"] = {
-                k: v._replace(query=v.query.to(self.student_device), key=v.key.to(self.student_device))
-                for k, v in self.capture.captured.items()}
-        return signal
-
-    def close(self) -> None:
-        if self.capture is not None:
-            self.capture.__exit__(None, None, None)
-
-
-class AdaptersOff:
-    """A LoRA model's output head called with every adapter switched off (the head's own adapter included).
-
-    The KD chunks call the teacher head after the teacher's forward has returned, so a head that carries an
-    adapter (``target_modules`` with ``lm_head``) must switch the adapters off itself at each call."""
-
-    def __init__(self, model: nn.Module, head: nn.Module):
-        self.model, self.head = model, head
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        with self.model.disable_adapter():
-            return self.head(hidden)
-
-
-class StartingWeightsTeacher:
-    """The student's own starting weights as a frozen teacher, at no memory cost: a LoRA student with its
-    adapters switched off (``peft``'s ``disable_adapter``) is exactly the model it started from.
-
-    For DAE's general reference this keeps, on non-domain samples, what the student already did. The adapters
-    are off for the whole teacher: the decoder here and the output head in the KD chunks (``AdaptersOff``).
+    One step takes the micro-batches of this process, computes each one's loss terms as sums, divides them by the
+    real token counts of the whole step (across micro-batches and processes), backpropagates with gradient sync
+    on the last micro-batch only (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``, DeepSpeed's
+    accumulation boundary: accelerate's ``sync_gradients``), clips the prepared parameters, steps AdamW and the
+    cosine schedule once. ``accelerator.backward`` divides by ``gradient_accumulation_steps`` (DeepSpeed inside
+    its engine) and the data-parallel reduction averages over processes, so the loss is scaled back by both:
+    the gradient is that of the step's global mean.
     """
 
-    def __init__(self, model: nn.Module, *, vocab: int | None, student_device: torch.device):
-        if not hasattr(model, "disable_adapter"):
-            raise ValueError("the starting-weights teacher needs a LoRA student (set `lora`), or give the model itself")
-        self.model, self.vocab, self.student_device = model, vocab, student_device
-        self.head = AdaptersOff(model, output_head(model, vocab))
-        self.post_head = post_head(model)
+    def __init__(self, accelerator, module: DistillModule, optimizer, scheduler, teacher: Teacher | None,
+                 kd: KDConfig, opts: TrainOptions, *, attn_on: bool):
+        self.accelerator, self.module, self.optimizer, self.scheduler = accelerator, module, optimizer, scheduler
+        self.teacher, self.kd, self.opts, self.attn_on = teacher, kd, opts, attn_on
+        self.weights = kd.weights()
+        self.needs_teacher = kd.lambda_ > 0 and (kd.w_pred > 0 or attn_on)
+        if self.needs_teacher and teacher is None:
+            raise ValueError("KD terms are on (kd.lambda > 0) but no teacher or teacher_cache was given")
+        self.loss_scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
 
-    def __call__(self, micro: Micro) -> dict[str, Any]:
-        with torch.no_grad(), self.model.disable_adapter():
-            hidden = decoder_of(self.model)(input_ids=micro.input_ids.to(self.student_device),
-                                            attention_mask=micro.attention_mask.to(self.student_device)).last_hidden_state
-        return {"teacher_hidden": hidden.detach(), "teacher_head": self.head, "teacher_post_head": self.post_head}
+    def module_capture(self) -> AttentionCapture | None:
+        return self.accelerator.unwrap_model(self.module).capture
 
-    def close(self) -> None:
-        pass
+    def step(self, micros: list[Micro], *, on_diverged: Callable[[str, int, Micro], Exception] | None = None
+             ) -> dict[str, float]:
+        """One optimizer step over this process's micro-batches; the log row's numbers (global means)."""
+        acc, device = self.accelerator, self.accelerator.device
+        counts = torch.tensor([sum(m.loss_tokens for m in micros), sum(m.query_tokens for m in micros)],
+                              dtype=torch.float64, device=device)
+        tokens_global, queries_global = acc.reduce(counts, "sum").tolist()
+        totals = {"ce": 0.0, "kd": 0.0, "attn": 0.0}
+        parts: dict[str, float] = {}  # per-route KD (align), same normalisation as kd
+        for k, micro in enumerate(micros):
+            last = k == len(micros) - 1
+            acc.sync_gradients = last  # DeepSpeed's accumulation boundary; the optimizer steps after the last
+            signal = self.teacher(micro) if (self.teacher is not None and self.needs_teacher) else None
+            with contextlib.nullcontext() if last else acc.no_sync(self.module):
+                sums = self.module(micro.input_ids.to(device), micro.attention_mask.to(device),
+                                   micro.labels.to(device), signal)
+                terms = {"ce": sums["ce_sum"] / tokens_global, "kd": sums["kd_sum"] / tokens_global}
+                if self.attn_on and "attn_sum" in sums:
+                    # mean over (layer, head, response query) of the whole step: this micro-batch's mean,
+                    # weighted by its share of the step's response queries
+                    terms["attn"] = sums["attn_sum"] / max(sums["attn_count"], 1) * (micro.query_tokens / queries_global)
+                for name, value in terms.items():
+                    if not torch.isfinite(value):
+                        if on_diverged is not None:
+                            raise on_diverged(name, k, micro)
+                        raise TrainingDiverged(f"non-finite {name} loss at micro-batch {k} (examples {micro.keys})")
+                # loss_sum = w.ce * ce_sum + w.pred * kd_sum, differentiable; the attention term is added here
+                loss = sums["loss_sum"] / tokens_global
+                if "attn" in terms:
+                    loss = loss + self.weights.attn * terms["attn"]
+                acc.backward(loss * self.loss_scale)
+            for name, value in terms.items():
+                totals[name] += float(value.detach())
+            for name, value in sums.get("parts", {}).items():
+                parts[name] = parts.get(name, 0.0) + float(value) / tokens_global
+        # each process holds its share of the step's global means: add them up for the log
+        names = ["ce", "kd", "attn"] + sorted(parts)  # every process has the same route names
+        summed = acc.reduce(torch.tensor([totals.get(n, parts.get(n)) for n in names], dtype=torch.float64,
+                                         device=device), "sum")
+        totals = dict(zip(names, summed.tolist()))
+        # the prepared parameters (FSDP2 replaces them with sharded ones); DeepSpeed clips inside its engine
+        grad_norm = acc.clip_grad_norm_(self.module.parameters(), self.opts.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cpu":
+            trim_heap()
+        row = {"loss": self.weights.total(totals["ce"], totals["kd"], totals["attn"]), "ce": totals["ce"],
+               "kd": totals["kd"], "attn": totals["attn"], "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "tokens": int(tokens_global)}
+        row.update({n: totals[n] for n in sorted(parts)})
+        return row
 
 
-class CachedTeacher:
-    """The teacher's top-k distributions read from an offline cache (no teacher in memory)."""
+def build_trainer(cfg: DistillConfig | AlignConfig, accelerator, student: nn.Module,
+                  teacher_factory: Callable[[Any], Teacher | None], *, vocab: int | None,
+                  layer_map: dict[int, int] | None, total_steps: int) -> Trainer:
+    """The student wrapped with its loss, optimizer and schedule prepared by ``accelerator``, then the teacher
+    (built after the student is placed: on ``accelerator.device``, sharded like the student when it is)."""
+    from transformers import get_cosine_schedule_with_warmup
 
-    def __init__(self, cache, student_device: torch.device, loss_kwargs: dict | None = None):
-        # loss_kwargs: how this cache's rows are read (``TopKCache.loss_kwargs()``), sent with each batch when
-        # teachers of one run differ in it (align); distill sets it once in kd.divergence_kwargs instead
-        self.cache, self.student_device, self.loss_kwargs = cache, student_device, loss_kwargs
-
-    def __call__(self, micro: Micro) -> dict[str, Any]:
-        ids, logprobs = self.cache.collate(micro.keys, micro.labels[:, 1:])
-        signal: dict[str, Any] = {"teacher_topk": (ids.to(self.student_device), logprobs.to(self.student_device))}
-        if self.loss_kwargs is not None:
-            signal["divergence_kwargs"] = self.loss_kwargs
-        return signal
-
-    def close(self) -> None:
-        pass
-
-
-class RoutedTeacher:
-    """DAE's teachers: one per route (e.g. the domain expert and the general reference model), each an
-    ``OnlineTeacher`` or a ``CachedTeacher``, and the route of every training example (by key).
-
-    Per micro-batch, each teacher runs on its own rows only (a sub-batch of the same padded width, so
-    positions line up with the student's), and the signals come back as ``{"teacher_routes": [{"name",
-    "rows", **signal}, ...]}`` for ``DistillModule``. Teachers are built by their factories on first use,
-    in route order; a cached teacher holds no model, so with both routes cached no teacher is in memory.
-    """
-
-    def __init__(self, factories: dict[str, Callable[[], OnlineTeacher | CachedTeacher]], route_of: dict[str, str]):
-        unknown = set(route_of.values()) - set(factories)
-        if unknown:
-            raise ValueError(f"examples routed to {sorted(unknown)}, which have no teacher")
-        self.factories, self.route_of = factories, route_of
-        self.teachers: dict[str, OnlineTeacher | CachedTeacher] = {}
-
-    def teacher(self, name: str) -> OnlineTeacher | CachedTeacher:
-        if name not in self.teachers:
-            self.teachers[name] = self.factories[name]()
-        return self.teachers[name]
-
-    def __call__(self, micro: Micro) -> dict[str, Any]:
-        routes = []
-        for name in self.factories:
-            rows = [i for i, key in enumerate(micro.keys) if self.route_of[key] == name]
-            index = torch.tensor(rows, dtype=torch.long)
-            entry: dict[str, Any] = {"name": name, "rows": index}
-            if rows:
-                sub = Micro([micro.keys[i] for i in rows], micro.input_ids.index_select(0, index),
-                            micro.attention_mask.index_select(0, index), micro.labels.index_select(0, index))
-                entry.update(self.teacher(name)(sub))
-            routes.append(entry)
-        return {"teacher_routes": routes}
-
-    def close(self) -> None:
-        for teacher in self.teachers.values():
-            teacher.close()
-
+    opts, kd = cfg.train, cfg.kd
+    attn_on = bool(kd.w_attn > 0 and kd.lambda_ > 0 and layer_map)
+    if opts.gradient_checkpointing:
+        if attn_on:
+            raise ValueError("train.gradient_checkpointing cannot be combined with attention KD (the captured maps "
+                             "would be recorded again during recomputation): set kd.w_attn=0 or turn it off")
+        enable_gradient_checkpointing(student)
+    capture = AttentionCapture(student, list(layer_map)) if attn_on else None
+    module = DistillModule(student, kd, vocab=vocab, layer_map=layer_map if attn_on else None, capture=capture)
+    # AdamW over the trainable parameters, with weight decay on matrices only; prepare may replace the parameters
+    # (FSDP2's DTensors): accelerate maps the optimizer's groups onto them
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer([{"params": [p for p in params if p.ndim >= 2], "weight_decay": opts.weight_decay},
+                                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=opts.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(opts.warmup_steps, total_steps), total_steps)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    teacher = teacher_factory(accelerator)
+    return Trainer(accelerator, module, optimizer, scheduler, teacher, kd, opts, attn_on=attn_on)
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of every decoder layer (transformers' own, non-reentrant)."""
@@ -466,50 +374,32 @@ def train(
     student: nn.Module,
     tokenizer,
     examples: list[TrainExample],
-    teacher_factory: Callable[[torch.device], OnlineTeacher | CachedTeacher | RoutedTeacher | None],
+    teacher_factory: Callable[[Any], Teacher | None],
     *,
     vocab: int | None,
     layer_map: dict[int, int] | None,
+    rebuild_student: Callable[[], nn.Module],
+    card: dict[str, Any],
     resume: bool = True,
     label: str = "distill",
 ) -> TrainResult:
-    """Run (or resume) the optimisation; returns the log and where the final model was saved."""
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
+    """Run (or resume) the optimisation; returns the log and where the final model was saved.
 
-    opts, kd = cfg.train, cfg.kd
-    cpu = cfg.models.device == "cpu" or not torch.cuda.is_available()
-    mixed = "no" if cpu or cfg.models.dtype in ("float32", "fp32") else (
-        "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    # experiment trackers through accelerate (tensorboard, trackio, wandb...): logs go to the run directory where
-    # the tracker writes locally; only the main process logs
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, log_with=list(opts.report_to) or None,
-                              project_dir=str(run_dir))
-    torch.manual_seed(opts.seed)
-    schedule = Schedule(len(examples), opts, accelerator.num_processes, accelerator.process_index)
+    The Accelerator comes first (``launch.training_accelerator``: the distribution the launch asked for, checked),
+    then the student is prepared, then ``teacher_factory(accelerator)`` builds the teacher on
+    ``accelerator.device``. ``rebuild_student`` makes a fresh copy of the student on the CPU, into which the main
+    process loads the gathered weights at the end of a sharded run (FSDP2, ZeRO-3) to save them.
+    """
+    from teacherfit.launch import training_accelerator
+
+    opts = cfg.train
     if len(examples) < opts.batch_size:
         raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch (batch_size={opts.batch_size})")
-
-    attn_on = bool(kd.w_attn > 0 and kd.lambda_ > 0 and layer_map)
-    if opts.gradient_checkpointing:
-        if attn_on:
-            raise ValueError("train.gradient_checkpointing cannot be combined with attention KD (the captured maps "
-                             "would be recorded again during recomputation): set kd.w_attn=0 or turn it off")
-        enable_gradient_checkpointing(student)
-    capture = AttentionCapture(student, list(layer_map)) if attn_on else None
-    module = DistillModule(student, kd, vocab=vocab, layer_map=layer_map if attn_on else None, capture=capture)
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = make_optimizer([{"params": decay, "weight_decay": opts.weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(opts.warmup_steps, schedule.total_steps),
-                                                schedule.total_steps)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    teacher = teacher_factory(accelerator.device)
-    needs_teacher = kd.lambda_ > 0 and (kd.w_pred > 0 or attn_on)
-    if needs_teacher and teacher is None:
-        raise ValueError("KD terms are on (kd.lambda > 0) but no teacher or teacher_cache was given")
+    accelerator = training_accelerator(cfg.models, opts, project_dir=run_dir)
+    torch.manual_seed(opts.seed)
+    schedule = Schedule(len(examples), opts, accelerator.num_processes, accelerator.process_index)
+    trainer = build_trainer(cfg, accelerator, student, teacher_factory, vocab=vocab, layer_map=layer_map,
+                            total_steps=schedule.total_steps)
 
     start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -529,103 +419,153 @@ def train(
         accelerator.init_trackers(f"teacherfit-{label}-{run_dir.name}", config={
             k: "none" if v is None else v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
             for k, v in flat.items()})
-    world = accelerator.num_processes
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     clock = time.perf_counter()
+    capture = trainer.module_capture()
     if capture is not None:
         capture.__enter__()
     try:
         with progress_bar(label, schedule.total_steps, unit="steps", completed=start) as advance:
             for step in range(start, schedule.total_steps):
                 micros = [collate([examples[i] for i in idx], pad_id) for idx in schedule.step(step)]
-                counts = torch.tensor([sum(m.loss_tokens for m in micros),
-                                       sum(m.query_tokens for m in micros)], dtype=torch.float64,
-                                      device=accelerator.device)
-                tokens_global, queries_global = accelerator.reduce(counts, "sum").tolist()
-                totals = {"ce": 0.0, "kd": 0.0, "attn": 0.0}
-                parts: dict[str, float] = {}  # per-route KD (align), same normalisation as kd
-                for k, micro in enumerate(micros):
-                    signal = teacher(micro) if (teacher is not None and needs_teacher) else {}
-                    sync = accelerator.no_sync(module) if k < len(micros) - 1 else contextlib.nullcontext()
-                    with sync:
-                        sums = module(micro.input_ids.to(accelerator.device),
-                                      micro.attention_mask.to(accelerator.device),
-                                      micro.labels.to(accelerator.device), **signal)
-                        # loss_sum = (1 - lambda) * ce_sum + lambda * w_pred * kd_sum, differentiable
-                        head_loss = sums["loss_sum"] / tokens_global
-                        terms = {"ce": sums["ce_sum"] / tokens_global, "kd": sums["kd_sum"] / tokens_global}
-                        if attn_on and "attn_sum" in sums:
-                            # mean over (layer, head, response query) of the whole step: this micro-batch's
-                            # mean, weighted by its share of the step's response queries
-                            share = micro.query_tokens / queries_global
-                            terms["attn"] = sums["attn_sum"] / max(sums["attn_count"], 1) * share
-                        for name, value in terms.items():
-                            if not torch.isfinite(value):
-                                last = latest_checkpoint(run_dir)
-                                raise TrainingDiverged(
-                                    f"non-finite {name} loss at step {step + 1}, micro-batch {k} "
-                                    f"(examples {micro.keys}); last good checkpoint: {last or 'none'}")
-                        loss = head_loss
-                        if "attn" in terms:
-                            loss = loss + kd.lambda_ * kd.w_attn * terms["attn"]
-                        # DDP averages gradients over processes; the terms are already global means
-                        accelerator.backward(loss * world)
-                    for name, value in terms.items():
-                        totals[name] += float(value.detach())
-                    for name, value in sums.get("parts", {}).items():
-                        parts[name] = parts.get(name, 0.0) + float(value) / tokens_global
-                # each process holds its share of the step's global means: add them up for the log
-                names = ["ce", "kd", "attn"] + sorted(parts)  # every process has the same route names
-                summed = accelerator.reduce(torch.tensor([totals.get(n, parts.get(n)) for n in names],
-                                                         dtype=torch.float64, device=accelerator.device), "sum")
-                totals = dict(zip(names, summed.tolist()))
-                grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.device.type == "cpu":
-                    trim_heap()
-                total = (1 - kd.lambda_) * totals["ce"] + kd.lambda_ * (kd.w_pred * totals["kd"] + kd.w_attn * totals["attn"])
-                row = {"step": step + 1, "loss": total, "ce": totals["ce"], "kd": totals["kd"], "attn": totals["attn"],
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens_global),
+
+                def diverged(name: str, k: int, micro: Micro, step: int = step) -> TrainingDiverged:
+                    return TrainingDiverged(f"non-finite {name} loss at step {step + 1}, micro-batch {k} "
+                                            f"(examples {micro.keys}); last good checkpoint: "
+                                            f"{latest_checkpoint(run_dir) or 'none'}")
+
+                row = {"step": step + 1, **trainer.step(micros, on_diverged=diverged),
                        "elapsed_s": round(time.perf_counter() - clock, 3)}
-                row.update({n: totals[n] for n in sorted(parts)})
                 if accelerator.is_main_process and (step + 1) % opts.log_every == 0:
                     _append_line(log_path, row)
                 if opts.report_to and (step + 1) % opts.log_every == 0:
                     accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "elapsed_s")},
                                     step=step + 1)
                 log.append(row)
-                advance(1, int(tokens_global), info=f"loss {total:.4f}")
+                advance(1, row["tokens"], info=f"loss {row['loss']:.4f}")
                 if (step + 1) % opts.checkpoint_every == 0 or step + 1 == schedule.total_steps:
                     save_checkpoint(accelerator, run_dir, step + 1, opts.keep_checkpoints)
     finally:
         if capture is not None:
             capture.__exit__(None, None, None)
-        if teacher is not None:
-            teacher.close()
+        if trainer.teacher is not None:
+            trainer.teacher.close()
         if opts.report_to:
             accelerator.end_training()
     result = TrainResult(run_dir, schedule.total_steps, log, resumed_from=start,
                          seconds=time.perf_counter() - clock)
-    result.model_dir = save_final_model(accelerator, module, tokenizer, run_dir / "model")
+    card = {**card, "steps": schedule.total_steps, "final_log": log[-1] if log else None}
+    result.model_dir = save_final_model(accelerator, trainer.module, tokenizer, run_dir / "model",
+                                        rebuild=rebuild_student, save_dtype=opts.save_dtype, card=card)
     return result
 
 
-def save_final_model(accelerator, module, tokenizer, out: Path) -> Path:
-    """The student in Hugging Face format (safetensors; LoRA merged), loadable by transformers and vLLM."""
+def saved_dtype(save_dtype: str, accelerator) -> torch.dtype:
+    """``train.save_dtype``: 'auto' is the dtype the run computed in (bf16 / fp16 mixed precision on GPUs, fp32 on
+    the CPU); the weights were trained in fp32 master copies either way."""
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if save_dtype != "auto":
+        return names[save_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision), torch.float32)
+
+
+def save_final_model(accelerator, module, tokenizer, out: Path, *, rebuild: Callable[[], nn.Module],
+                     save_dtype: str = "auto", card: dict[str, Any] | None = None) -> Path:
+    """The student as users ship it, in ``out`` (Hugging Face format, safetensors, loadable by transformers and
+    vLLM): weights in ``save_dtype``, LoRA merged, the tokenizer with the chat template training rendered with
+    (the plain one for a base model), and a model card (README.md). A LoRA run also writes the adapter alone
+    to ``out``-adapter (peft format).
+
+    Sharded runs (FSDP2, ZeRO-3) gather the full state dict (``accelerator.get_state_dict``, a collective every
+    process joins) and the main process loads it into a fresh CPU copy of the student (``rebuild``), so what is
+    saved never depends on how the training copy was split.
+    """
+    from teacherfit.data import chat_template_for
+    from teacherfit.launch import is_sharded
+
     accelerator.wait_for_everyone()
-    student = accelerator.unwrap_model(module).student
-    if hasattr(student, "merge_and_unload"):
-        student = student.merge_and_unload()
+    if is_sharded(accelerator):
+        state = accelerator.get_state_dict(module)
+        student = None
+        if accelerator.is_main_process:
+            student = rebuild()
+            prefix = "student."
+            missing, unexpected = student.load_state_dict(
+                {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+            real_missing = [k for k in missing if not _tied(student, k)]
+            if real_missing or unexpected:
+                raise RuntimeError(f"gathered weights do not fit the student: missing {real_missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
+    else:
+        student = accelerator.unwrap_model(module).student
     if accelerator.is_main_process:
-        tmp = out.parent / f".tmp-{out.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        student.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        dtype = saved_dtype(save_dtype, accelerator)
+        adapter = out.parent / f"{out.name}-adapter"
+        if hasattr(student, "merge_and_unload"):  # LoRA: the adapter alone, then the merged model
+            _replace_dir(adapter, lambda tmp: student.save_pretrained(tmp, safe_serialization=True))
+            student = student.merge_and_unload()
+        student = student.to(dtype)
+        template, plain = chat_template_for(tokenizer)
+        tokenizer.chat_template = template  # what training rendered with, saved with the tokenizer
+
+        def write(tmp: Path) -> None:
+            student.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card({**(card or {}), "dtype": str(dtype).removeprefix("torch."),
+                                                       "plain_chat_template": plain,
+                                                       "adapter": adapter.name if adapter.exists() else None}))
+
+        _replace_dir(out, write)
     accelerator.wait_for_everyone()
     return out
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    """A state-dict key that is the tied copy of another (lm_head.weight of a tied-embedding model)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names = tied if isinstance(tied, (list, tuple, set)) else list(tied)
+    return any(key.endswith(n) for n in names)
+
+
+def _replace_dir(out: Path, write: Callable[[Path], None]) -> None:
+    tmp = out.parent / f".tmp-{out.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """README.md of a trained student: YAML front matter the Hub reads, then what was trained from what, how."""
+    import yaml
+
+    from teacherfit import __version__
+
+    base = info.get("base_model")
+    front = {"library_name": "transformers", "tags": ["teacherfit", "distillation", *info.get("tags", [])]}
+    if base and "/" in str(base) and not Path(str(base)).exists():
+        front["base_model"] = str(base)  # a hub id; local folders stay in the body
+    teachers = info.get("teachers") or {}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {info.get('title', 'Distilled student')}", "",
+             f"Trained with [teacherfit](https://github.com/teacherfit/teacherfit) {__version__} "
+             f"(`{info.get('command', 'teacherfit')}`).", "",
+             "| | |", "|---|---|",
+             f"| base model | `{base}` |"]
+    for role, who in teachers.items():
+        lines.append(f"| {role} | `{who}` |")
+    for key, label in (("data", "training data"), ("examples", "examples"), ("loss", "loss"),
+                       ("weights", "loss weights"), ("steps", "optimizer steps"), ("lora", "LoRA"),
+                       ("dtype", "saved dtype"), ("adapter", "adapter only")):
+        if info.get(key) is not None:
+            value = info[key]
+            lines.append(f"| {label} | {json.dumps(value) if isinstance(value, (dict, list)) else value} |")
+    final = info.get("final_log")
+    if final:
+        lines.append(f"| last step | loss {final['loss']:.4f}, ce {final['ce']:.4f}, kd {final['kd']:.4f} |")
+    if info.get("plain_chat_template"):
+        lines += ["", "The base model had no chat template: training rendered conversations with teacherfit's plain "
+                  "template, saved with this tokenizer (`tokenizer.apply_chat_template` uses it)."]
+    return "\n".join(lines) + "\n"

@@ -25,16 +25,15 @@ import torch
 
 from teacherfit.config import AlignConfig, EvaluateConfig, prepare_run_dir
 from teacherfit.data import Record, load_records, tokenize_example
-from teacherfit.distill.compat import check_kd_compatibility
-from teacherfit.distill.examples import example_key, tokenize_records, training_records
-from teacherfit.distill.train import CachedTeacher, OnlineTeacher, RoutedTeacher, StartingWeightsTeacher, train
-from teacherfit.models import load_model, load_text_config, load_tokenizer, release_memory
+from teacherfit.distill.examples import example_key, training_records
+from teacherfit.launch import is_main_process
+from teacherfit.models import load_model, release_memory
+from teacherfit.pipelines.recipe import STUDENT_ITSELF, TeacherSource, model_card_info, prepare, train_job
 from teacherfit.routing import DOMAIN, GENERAL, Routing, resample_to_share, route, sample_text, share_of
 from teacherfit.store import atomic_write_json, atomic_write_text, cached_json
 from teacherfit.ui import console, rich_table
 
 ROUTE_TEACHER = {DOMAIN: "expert", GENERAL: "reference"}
-STUDENT_ITSELF = "student"  # `reference: student`: the student's own starting weights
 
 
 # ---------------------------------------------------------------- memory
@@ -63,8 +62,8 @@ def reset_peak_rss() -> bool:
 # ---------------------------------------------------------------- routing
 
 
-def _teacher_sources(cfg: AlignConfig) -> dict[str, tuple[str, Any]]:
-    """Per route: ("model", spec) or ("cache", path); refuses none or both."""
+def _teacher_sources(cfg: AlignConfig) -> dict[str, TeacherSource]:
+    """Per route: the model, its cache, or the student's starting weights; refuses none or both."""
     out = {}
     for name, (model, cache) in {DOMAIN: (cfg.expert, cfg.expert_cache),
                                  GENERAL: (cfg.reference, cfg.reference_cache)}.items():
@@ -78,9 +77,10 @@ def _teacher_sources(cfg: AlignConfig) -> dict[str, tuple[str, Any]]:
             if name != GENERAL:
                 raise ValueError(f"`expert: {STUDENT_ITSELF}` makes no sense: the expert brings the domain knowledge")
             # a LoRA student with adapters off is its starting weights (no copy); otherwise load a frozen copy
-            out[name] = ("self", None) if cfg.lora is not None else ("model", cfg.student)
+            out[name] = (TeacherSource(name, who, "self", None) if cfg.lora is not None
+                         else TeacherSource(name, who, "model", cfg.student))
         else:
-            out[name] = ("model", model) if model else ("cache", cache)
+            out[name] = TeacherSource(name, who, "model", model) if model else TeacherSource(name, who, "cache", cache)
     return out
 
 
@@ -131,42 +131,6 @@ def print_routing(summary: dict[str, Any]) -> None:
                                  ["id", "route", "probability", "text"],
                                  title=f"borderline samples (P(domain) closest to {summary['threshold']})",
                                  compact=True))
-
-
-# ---------------------------------------------------------------- compatibility, before any weights
-
-
-def _config_rows(spec: str, trust_remote_code: bool) -> int:
-    return load_text_config(spec, trust_remote_code=trust_remote_code)[1].vocab_size
-
-
-def check_teachers(cfg: AlignConfig, sources: dict[str, tuple[str, Any]], student_tok, student_rows: int,
-                   max_length: int) -> tuple[int | None, list[str], dict[str, Any]]:
-    """Tokenizers of online teachers and digests of caches against the student's; returns the shared head
-    size (None: no slicing), notes, and the opened caches. Reads no weights."""
-    from teacherfit.distill.cache import TopKCache
-
-    notes, rows, caches = [], [student_rows], {}
-    for name, (kind, where) in sources.items():
-        who = ROUTE_TEACHER[name]
-        if kind == "self":
-            continue
-        if kind == "model":
-            tok = load_tokenizer(where, trust_remote_code=cfg.models.trust_remote_code)
-            t_rows = _config_rows(where, cfg.models.trust_remote_code)
-            compat = check_kd_compatibility(student_tok, tok, student_rows=student_rows, teacher_rows=t_rows,
-                                            student_name=cfg.student, teacher_name=f"{who} {where}")
-            notes += [f"{who}: {n}" for n in compat.notes]
-            rows.append(t_rows)
-        else:
-            if cfg.kd.divergence != "forward_kl":
-                raise ValueError(f"the top-k cache of the {who} supports kd.divergence=forward_kl only")
-            cache = TopKCache(where)
-            cache.check_compatible(student_tok, max_length, student_rows=student_rows)
-            caches[name] = cache
-            rows.append(cache.vocab_rows)  # the cache's ids cover the tokenizer only: padded rows are left out
-    vocab = min(rows) if len(set(rows)) > 1 else None
-    return vocab, notes, caches
 
 
 # ---------------------------------------------------------------- held-out losses
@@ -251,23 +215,25 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
     mix = (resample_to_share(routing.domain, cfg.domain_share, seed=cfg.train.seed)
            if cfg.domain_share is not None else list(range(len(records))))
     routed = routing_summary(cfg, records, routing, mix)
+    route_of = {example_key(r): (DOMAIN if routing.domain[i] else GENERAL) for i, r in enumerate(records)}
 
-    # 2) compatibility, before any weights are read (the student's included); held-out files read
-    student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.models.trust_remote_code)
-    student_rows = _config_rows(cfg.student, cfg.models.trust_remote_code)
-    max_length = cfg.train.max_length
-    vocab, notes, caches = (check_teachers(cfg, sources, student_tok, student_rows, max_length)
-                            if kd_on else (None, [], {}))
+    # 2) the shared preparation (compatibility, tokenisation, cache coverage per route), before any weights;
+    # held-out files read
+    job = prepare(cfg, [records[i] for i in mix], sources, route_of=route_of)
+    cfg = job.cfg
     for path in _heldout_sets(cfg).values():
         load_records(path, require_response=True)
 
     # the inputs hold up: the run starts here
     run_dir = prepare_run_dir(cfg, "align")
-    atomic_write_text(run_dir / "routing.jsonl", "".join(
-        json.dumps(row) + "\n" for row in routing_rows(records, routing, cfg.routing.text)))
-    print_routing(routed)
+    main = is_main_process()  # routing, held-out and judged scores, results: once, by the main process
+    if main:
+        atomic_write_text(run_dir / "routing.jsonl", "".join(
+            json.dumps(row) + "\n" for row in routing_rows(records, routing, cfg.routing.text)))
+        print_routing(routed)
     if dry_run:
-        atomic_write_json(run_dir / "routing.json", routed)
+        if main:
+            atomic_write_json(run_dir / "routing.json", routed)
         return {"run_dir": str(run_dir), "routing": routed, "dry_run": True}
     if kd_on:
         empty = [ROUTE_TEACHER[n] for n, c in routed["counts"].items() if c == 0]
@@ -276,66 +242,34 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
 
     # 3) held-out losses of the untrained student (cached in the run directory for resumes)
     sets = _heldout_sets(cfg)
-    before = cached_json(run_dir / "heldout_before.json", lambda: heldout_losses(cfg.student, sets, cfg))
+    before = cached_json(run_dir / "heldout_before.json", lambda: heldout_losses(cfg.student, sets, cfg)) if main else {}
 
     # 4) train: the distillation runtime with one teacher per route
-    from teacherfit.pipelines.distill import build_student
-
     reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    student, tokenizer, student_prov = build_student(cfg)
-    context = getattr(student.config, "max_position_embeddings", None)
-    if context and max_length > context:
-        notes.append(f"train.max_length={max_length} exceeds the student's context ({context}): using {context}")
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_length": context})})
-    mixed_records = [records[i] for i in mix]
-    examples, stats = tokenize_records(mixed_records, tokenizer, cfg.train.max_length)
-    if stats["truncated"]:
-        notes.append(f"{stats['truncated']} examples longer than max_length={cfg.train.max_length} were truncated")
-    if stats["no_response_tokens"]:
-        notes.append(f"{stats['no_response_tokens']} examples had no response token left and were not used")
-    route_of = {example_key(r): (DOMAIN if routing.domain[i] else GENERAL) for i, r in enumerate(records)}
-    for name, cache in caches.items():
-        missing = [e.key for e in examples if route_of[e.key] == name and e.key not in cache]
-        if missing:
-            raise ValueError(f"{len(missing)} {name} examples are not in the {ROUTE_TEACHER[name]} cache "
-                             f"{cache.folder}: run `teacherfit cache-teacher` on the same data")
-    teachers_loaded: dict[str, dict] = {}
-
-    def teacher_factory(student_device: torch.device):
-        if not kd_on:
-            return None
-
-        def make(name: str):
-            kind, where = sources[name]
-            if kind == "self":
-                teachers_loaded[name] = {"model": cfg.student, "kind": "the student's starting weights (LoRA adapters off)"}
-                return StartingWeightsTeacher(student, vocab=vocab, student_device=student_device)
-            if kind == "cache":
-                teachers_loaded[name] = {"cache": str(caches[name].folder), **caches[name].meta.get("teacher", {})}
-                return CachedTeacher(caches[name], student_device, loss_kwargs=caches[name].loss_kwargs())
-            console.print(f"loading the {ROUTE_TEACHER[name]} {where}")
-            loaded = load_model(where, device=cfg.teacher_device or cfg.models.device, dtype=cfg.models.dtype,
-                                trust_remote_code=cfg.models.trust_remote_code)
-            teachers_loaded[name] = loaded.provenance
-            return OnlineTeacher(loaded.model, vocab=vocab, attn_layers=None, device=loaded.device,
-                                 student_device=student_device)
-
-        return RoutedTeacher({name: (lambda n=name: make(n)) for name in (DOMAIN, GENERAL)}, route_of)
-
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
-    result = train(cfg, run_dir, student, tokenizer, examples, teacher_factory, vocab=vocab, layer_map=None,
-                   resume=resume, label="align")
+    result, student_prov = train_job(job, run_dir, resume=resume, label="align",
+                                     card=model_card_info(job, f"{cfg.student} aligned by teacherfit (DAE)", ["dae"]))
     memory = {"train_peak_rss_mb": peak_rss_mb(),
-              "teachers_in_memory": sum(1 for kind, _ in sources.values() if kind == "model"),
-              "teachers_from_student": sum(1 for kind, _ in sources.values() if kind == "self"),
-              "teachers_cached": sum(1 for kind, _ in sources.values() if kind == "cache")}
+              "teachers_in_memory": sum(1 for s in sources.values() if s.kind == "model"),
+              "teachers_from_student": sum(1 for s in sources.values() if s.kind == "self"),
+              "teachers_cached": sum(1 for s in sources.values() if s.kind == "cache")}
     if torch.cuda.is_available():
         memory["train_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    student = None  # free the training copy before the held-out scoring loads the final model
-    release_memory()
+    release_memory()  # the training copy is gone: the held-out scoring loads the final model
+    summary = {
+        **result.summary(),
+        "student": student_prov,
+        "teachers": {ROUTE_TEACHER[n]: job.teachers_loaded.get(n, {"model": s.where, "used": False})
+                     for n, s in sources.items()},
+        "loss": {"lambda": cfg.kd.lambda_, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence},
+        "routing": routed,
+        "examples": job.stats,
+        "memory": memory,
+        "notes": job.notes,
+    }
+    if not main:
+        return summary
 
     # 5) held-out losses of the trained student, and optional judged scores before and after
     after = heldout_losses(result.model_dir, sets, cfg)
@@ -344,19 +278,8 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
         judged = {"before": cached_json(run_dir / "evaluate_before.json",
                                          lambda: judged_scores(cfg, cfg.student, run_dir / "evaluate" / "before")),
                   "after": judged_scores(cfg, str(result.model_dir), run_dir / "evaluate" / "after")}
-    summary = {
-        **result.summary(),
-        "student": student_prov,
-        "teachers": {ROUTE_TEACHER[n]: teachers_loaded.get(n, {"model": s[1], "used": False})
-                     for n, s in sources.items()},
-        "loss": {"lambda": cfg.kd.lambda_, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence},
-        "routing": routed,
-        "examples": stats,
-        "heldout": {"before": before, "after": after, "table": before_after_table(before, after)},
-        "judged": judged,
-        "memory": memory,
-        "notes": notes,
-    }
+    summary.update(heldout={"before": before, "after": after, "table": before_after_table(before, after)},
+                   judged=judged)
     atomic_write_json(run_dir / "results.json", summary)
     align_report(summary, result.log).write(run_dir / "report.html")
     for row in summary["heldout"]["table"]:
