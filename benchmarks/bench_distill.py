@@ -7,16 +7,19 @@ checkpointing anywhere. Data: the quickstart's SmolLM2 responses tokenized with 
 
 1. **teacherfit vs TRL GKD**, off-policy (``lmbda=0``), forward KL (``beta=0``), temperature 1, no generation:
    ``--warmup`` + ``--steps`` optimizer steps with each on identical batches (``--batch`` x ``--seq-len``,
-   truncated and right-padded to that length). teacherfit runs the body of ``distill.train.train``
-   (``OnlineTeacher`` + ``DistillModule`` with kd.lambda=1, kd.w_attn=0, loss = sums / response tokens,
-   backward, clip 1.0, AdamW); TRL runs ``GKDTrainer.train()`` with bf16 and gradient checkpointing off.
+   truncated and right-padded to that length). teacherfit's side is ``Trainer.step``, the product's own training
+   step (what ``distill.train.train`` calls each step), one micro-batch per step: the Accelerator from
+   ``launch.training_accelerator`` (one process, CPU, fp32) and the trainer from ``build_trainer`` (the
+   ``OnlineTeacher`` + ``DistillModule`` with kd.lambda=1, kd.w_attn=0, grad_accum 1, AdamW with weight decay
+   0, clip 1.0, warm-up 0 and a cosine schedule over 10^6 steps, i.e. a constant learning rate like TRL's);
+   TRL runs ``GKDTrainer.train()`` with bf16 and gradient checkpointing off.
    Speed: both run in ONE process, alternating step by step on the same batch (each teacherfit variant on
    its own copy of the student), so other jobs on a shared machine slow both alike; tokens/s counts real
    (non-pad) tokens, and the verdict is the median over steps of TRL's step time / teacherfit's. Memory:
    each trainer alone in a fresh process. Targets: >= 1.3x TRL tokens/s, <= 0.6x TRL peak-memory increment.
 2. **teacherfit vs naive full-logit KD**: the memory of one forward + backward of the KD loss. Naive =
    ``student(...).logits`` and ``teacher(...).logits`` (full [B, T, V] fp32) + ``losses.forward_kl``;
-   teacherfit = ``DistillModule`` (``chunked_head_losses``). Over sequence lengths at the real vocabulary
+   teacherfit = ``DistillModule`` with the ``OnlineTeacher``'s signal (``chunked_head_losses``), no optimizer. Over sequence lengths at the real vocabulary
    (examples packed end to end to fill each row), and over vocabulary sizes with a synthetic random LM head
    on the student's hidden size (random hidden states; every position a loss position).
 3. **Utilisation**: useful FLOP/s of the measured teacherfit step (counted analytically, see ``step_flops``)
@@ -47,11 +50,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import load_line, machine_line, print_table
+from common import load_line, machine_line, markdown_table, print_table
 
 RESULT_PREFIX = "RESULT "
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 SPEED_TARGET, MEMORY_TARGET = 1.3, 0.6
+# the schedule's length given to build_trainer: warm-up 0 and a cosine over 10^6 steps keep the learning rate
+# at --lr (to within 1e-9) for a benchmark's few steps, as TRL's constant schedule does
+SCHEDULE_STEPS = 1_000_000
 
 
 def default_data() -> Path:
@@ -170,17 +176,49 @@ def load_teacher(args):
 
 
 def load_student(args):
-    """A trainable half-depth copy of the teacher (shrink_layers), fp32 on CPU, as build_student makes it."""
-    from teacherfit.config import StudentInit
-    from teacherfit.models import load_model
-    from teacherfit.pipelines.distill import shrink_layers
+    """A trainable half-depth copy of the teacher, fp32 on CPU, made by the product's ``build_student``
+    (``shrink_layers`` to ``--student-layers``, train mode, no KV cache)."""
+    from teacherfit.pipelines.recipe import build_student
 
-    student = load_model(args.teacher, device="cpu", dtype="float32").model
-    student = shrink_layers(student, StudentInit(layers=args.student_layers))
-    student.train()
-    student.config.use_cache = False
+    student, _tok, _prov = build_student(bench_config(args))
     resident(student)
     return student
+
+
+def bench_config(args, head_chunk: int | None = None, fused: bool = True):
+    """The DistillConfig teacherfit's side runs with: the teacher's own half-depth student, pure KD (kd.lambda 1,
+    no attention term), forward KL at tau 1, one micro-batch of --batch rows per step, fp32 on the CPU."""
+    from teacherfit.config import (
+        DistillConfig,
+        KDConfig,
+        ModelOptions,
+        StudentInit,
+        TrainData,
+        TrainOptions,
+    )
+
+    kd = KDConfig(**{"lambda": 1.0, "w_attn": 0.0, "w_pred": 1.0, "divergence": "forward_kl", "temperature": 1.0,
+                     "head_chunk": head_chunk or args.head_chunk, "fused_head": fused})
+    train = TrainOptions(lr=args.lr, batch_size=args.batch, grad_accum=1, warmup_steps=0, weight_decay=0.0,
+                         max_grad_norm=1.0, max_length=max(16, args.seq_len),
+                         gradient_checkpointing=args.gradient_checkpointing)
+    return DistillConfig(student=args.teacher, teacher=args.teacher, student_init=StudentInit(layers=args.student_layers),
+                         data=TrainData(), kd=kd, train=train, models=ModelOptions(device="cpu", dtype="float32"))
+
+
+_ACCELERATOR = None
+
+
+def bench_accelerator(cfg):
+    """The process's one Accelerator (``launch.training_accelerator``), shared by every trainer built here:
+    accelerate's state is process-wide, and every variant asks for the same one (one process, CPU, no mixed
+    precision, grad_accum 1)."""
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        from teacherfit.launch import training_accelerator
+
+        _ACCELERATOR = training_accelerator(cfg.models, cfg.train)
+    return _ACCELERATOR
 
 
 def load_pair(args):
@@ -215,7 +253,7 @@ def read_examples(args, tokenizer, max_length: int):
 
 def fixed_batches(args, tokenizer, n_batches: int):
     """Part 1: examples in file order (cycled), truncated and right-padded to exactly --seq-len."""
-    from teacherfit.distill.train import Micro
+    from teacherfit.distill.examples import Micro
 
     examples = read_examples(args, tokenizer, args.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -236,7 +274,7 @@ def fixed_batches(args, tokenizer, n_batches: int):
 
 def packed_batch(args, tokenizer, batch: int, seq_len: int):
     """Part 2: whole examples packed end to end (prompt labels -100) to fill batch x seq_len, no padding."""
-    from teacherfit.distill.train import Micro
+    from teacherfit.distill.examples import Micro
 
     examples = read_examples(args, tokenizer, 100_000)
     ids, labels, k = [], [], 0
@@ -251,26 +289,23 @@ def packed_batch(args, tokenizer, batch: int, seq_len: int):
 
 
 def kd_module(args, student, head_chunk: int | None = None, fused: bool = True):
-    from teacherfit.config import KDConfig
+    """Part 2: the student wrapped with its loss (``DistillModule``), as build_trainer wraps it."""
     from teacherfit.distill.train import DistillModule
 
-    head_chunk = head_chunk or args.head_chunk
-    kd = KDConfig(**{"lambda": 1.0, "w_attn": 0.0, "w_pred": 1.0, "divergence": "forward_kl", "temperature": 1.0,
-                     "head_chunk": head_chunk, "fused_head": fused})
+    kd = bench_config(args, head_chunk, fused).kd
     return DistillModule(student, kd, vocab=None, layer_map=None, capture=None), kd
 
 
-def teacherfit_loss(module, kd, teacher, micro):
-    """The loss of one micro-batch exactly as distill.train.train builds it (sums / the step's loss tokens)."""
+def teacherfit_loss(module, teacher, micro):
+    """Part 2: the loss of one micro-batch as Trainer.step builds it (sums / the step's loss tokens)."""
     n = micro.loss_tokens
-    signal = teacher(micro)
-    sums = module(micro.input_ids, micro.attention_mask, micro.labels, **signal)
+    sums = module(micro.input_ids, micro.attention_mask, micro.labels, teacher(micro))  # a TeacherSignal
     # loss_sum = (1 - lambda) * ce_sum + lambda * w_pred * kd_sum
     return sums["loss_sum"] / n, sums["kd_sum"] / n
 
 
 def model_shapes(teacher, student) -> dict:
-    from teacherfit.distill.train import decoder_of
+    from teacherfit.models import decoder_of
 
     def nonembedding(model) -> int:
         dec = decoder_of(model)
@@ -295,41 +330,42 @@ def batch_counts(micros) -> dict:
 
 
 class TeacherfitStepper:
-    """teacherfit's optimizer step (the body of distill.train.train, without accelerate), one batch at a time."""
+    """teacherfit's side: the product's own training step, ``Trainer.step``, one micro-batch per step.
+
+    The trainer comes from ``build_trainer`` (DistillModule + AdamW + schedule, prepared by the process's
+    Accelerator; gradient checkpointing when --gradient-checkpointing) with the teacher as an ``OnlineTeacher``
+    on the CPU; the timed call is ``trainer.step([micro])``: teacher forward, student forward + fused KD head,
+    backward, clip 1.0, AdamW and schedule step.
+    """
 
     def __init__(self, args, teacher_model, student, head_chunk: int | None = None, fused: bool = True):
-        from teacherfit.distill.train import OnlineTeacher, make_optimizer
+        from teacherfit.distill.teachers import OnlineTeacher
+        from teacherfit.distill.train import build_trainer
 
         cpu = torch.device("cpu")
-        self.module, self.kd = kd_module(args, student, head_chunk, fused)
+        cfg = bench_config(args, head_chunk, fused)
+        self.kd = cfg.kd
         self.chunk = self.kd.chunk_for(student.get_output_embeddings().weight.shape[0])
-        self.gradient_checkpointing = args.gradient_checkpointing
-        if args.gradient_checkpointing:
-            from teacherfit.distill.train import enable_gradient_checkpointing
+        self.gradient_checkpointing = cfg.train.gradient_checkpointing
 
-            enable_gradient_checkpointing(student)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = make_optimizer([{"params": decay, "weight_decay": 0.0},
-                                         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-        self.teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
+        def teacher_factory(_accelerator):
+            return OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
+
+        self.trainer = build_trainer(cfg, bench_accelerator(cfg), student, teacher_factory, vocab=None,
+                                     layer_map=None, total_steps=SCHEDULE_STEPS)
         self.step_s, self.kd_loss = [], []
 
     def step(self, micro) -> None:
         start = time.perf_counter()
-        loss, kl = teacherfit_loss(self.module, self.kd, self.teacher, micro)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        row = self.trainer.step([micro])
         self.step_s.append(time.perf_counter() - start)
-        self.kd_loss.append(float(kl.detach()))
+        self.kd_loss.append(row["kd"])
 
     def result(self) -> dict:
+        opt = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
         return {"step_s": self.step_s, "kd_loss": self.kd_loss, "head_chunk": self.chunk, "fused": self.kd.fused_head,
-                "gradient_checkpointing": self.gradient_checkpointing,
-                "optimizer": f"torch.optim.AdamW (fused={self.optimizer.defaults.get('fused')}, weight_decay 0)"}
+                "gradient_checkpointing": self.gradient_checkpointing, "step": "teacherfit.distill.train.Trainer.step",
+                "optimizer": f"torch.optim.AdamW (fused={opt.defaults.get('fused')}, weight_decay 0)"}
 
 
 def run_trl(args, teacher_model, student, tok, micros, between=None) -> dict:
@@ -415,6 +451,7 @@ def child_teacherfit(args) -> dict:
     teacher_model, tok = load_teacher(args)
     student = load_student(args)
     micros = fixed_batches(args, tok, args.warmup + args.mem_steps)
+    bench_accelerator(bench_config(args))  # before the baseline, as TRL's child imports trl before it
     with PeakRSS() as mem:
         stepper = TeacherfitStepper(args, teacher_model, student, args.head_chunk)
         for micro in micros:
@@ -436,7 +473,7 @@ def child_trl(args) -> dict:
 
 def child_kd(args, naive: bool) -> dict:
     from teacherfit.distill.losses import forward_kl
-    from teacherfit.distill.train import OnlineTeacher
+    from teacherfit.distill.teachers import OnlineTeacher
 
     cell = json.loads(args.cell)
     teacher_model, student, tok = load_pair(args)
@@ -451,9 +488,9 @@ def child_kd(args, naive: bool) -> dict:
             loss = forward_kl(s_logits[:, :-1], t_logits[:, :-1], micro.labels[:, 1:])
             kl = loss
         else:
-            module, kd = kd_module(args, student)
+            module, _kd = kd_module(args, student)
             teacher = OnlineTeacher(teacher_model, vocab=None, attn_layers=None, device=cpu, student_device=cpu)
-            loss, kl = teacherfit_loss(module, kd, teacher, micro)
+            loss, kl = teacherfit_loss(module, teacher, micro)
         loss.backward()
     return {"seconds": time.perf_counter() - start, "kd_loss": float(kl.detach()), **mem.result(),
             "tokens": micro.input_ids.numel(), "loss_tokens": micro.loss_tokens,
@@ -585,15 +622,6 @@ def step_flops(shapes: dict, batch: int, seq_len: int, loss_tokens: float) -> di
 
 def fmt_mib(mib: float) -> str:
     return f"{mib / 1024:,.2f} GiB" if abs(mib) >= 1024 else f"{mib:,.0f} MiB"
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:,.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def show(rows, columns, args, title):

@@ -1,4 +1,4 @@
-"""What both benchmarks share: the machine line, the load average and a plain-text table."""
+"""What the benchmarks share: the machine line, the load average, a plain-text table and a Markdown one."""
 
 from __future__ import annotations
 
@@ -56,3 +56,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print(line(r))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """The same table as Markdown (floats with thousands separators and one decimal)."""
+
+    def cell(v) -> str:
+        return f"{v:,.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

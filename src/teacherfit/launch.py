@@ -165,6 +165,13 @@ def training_accelerator(models: ModelOptions, opts: Any, *, project_dir: Any = 
                               "project_dir": None if project_dir is None else str(project_dir)}
     if want == "deepspeed":
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(opts, cpu)
+        if cpu:
+            # accelerate turns DeepSpeed off with cpu=True; DeepSpeed's own CPU accelerator runs it over gloo (the
+            # backend must be named: with none, accelerate's state takes every process for the only one)
+            from accelerate.utils import InitProcessGroupKwargs
+
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            kwargs.update(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     if want == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
 

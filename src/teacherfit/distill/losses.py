@@ -536,7 +536,10 @@ def _forward_kl_chunk_grad(
     t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p
     p = t.exp()
     # KL(p || q) per row = sum p log p - sum p z + lse(z), since sum p = 1 and log q = z - lse(z)
-    kd = (torch.linalg.vecdot(p, t) - torch.linalg.vecdot(p, z) + lse_z).sum() * temperature**2
+    # fp32 dot products even under autocast (which runs vecdot in bf16: the difference of the two then cancels
+    # most of its digits, and the logged KD was wrong while its gradient was right)
+    with torch.autocast(z.device.type, enabled=False):
+        kd = (torch.linalg.vecdot(p, t) - torch.linalg.vecdot(p, z) + lse_z).sum() * temperature**2
     dz = z.sub_(lse_z.unsqueeze(-1)).exp_()  # q
     if y is not None and ce_weight != 0:  # tau == 1 here, so q = softmax(z) serves both terms
         dz.mul_(kd_weight + ce_weight).sub_(p, alpha=kd_weight)

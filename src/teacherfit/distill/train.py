@@ -193,6 +193,7 @@ class Trainer:
         if self.needs_teacher and teacher is None:
             raise ValueError("KD terms are on (kd.lambda > 0) but no teacher or teacher_cache was given")
         self.loss_scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
+        self.distribution = distribution_of(accelerator, module, teacher)
 
     def module_capture(self) -> AttentionCapture | None:
         return self.accelerator.unwrap_model(self.module).capture
@@ -251,6 +252,29 @@ class Trainer:
         return row
 
 
+def distribution_of(accelerator, module: nn.Module, teacher: Teacher | None) -> dict[str, Any]:
+    """How this run is really spread (for summary.json and the tests that prove it): the launcher, the processes,
+    the share of the student's parameters this process holds (1/world under FSDP2 / ZeRO-3), whether the teacher
+    is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    from teacherfit.launch import requested_distribution
+
+    local = total = 0
+    for p in module.parameters():
+        if isinstance(p, DTensor):
+            local, total = local + p.to_local().numel(), total + p.numel()
+        elif hasattr(p, "ds_numel"):  # DeepSpeed ZeRO-3 partition
+            local, total = local + p.ds_tensor.numel(), total + p.ds_numel
+        else:
+            local, total = local + p.numel(), total + p.numel()
+    teachers = getattr(teacher, "teachers", None)
+    members = list(teachers.values()) if isinstance(teachers, dict) else [teacher]
+    return {"launch": requested_distribution(), "type": str(accelerator.distributed_type.value),
+            "processes": accelerator.num_processes, "student_share": round(local / max(total, 1), 4),
+            "teacher_sharded": any(getattr(t, "collective", False) for t in members if t is not None)}
+
+
 def build_trainer(cfg: DistillConfig | AlignConfig, accelerator, student: nn.Module,
                   teacher_factory: Callable[[Any], Teacher | None], *, vocab: int | None,
                   layer_map: dict[int, int] | None, total_steps: int) -> Trainer:
@@ -300,11 +324,13 @@ class TrainResult:
     model_dir: Path | None = None
     resumed_from: int = 0
     seconds: float = 0.0
+    distribution: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The run's part of a command's summary.json: where, how long, and the first and last log rows."""
         return {"run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
                 "resumed_from": self.resumed_from, "seconds": round(self.seconds, 2),
+                "distribution": self.distribution,
                 "first": self.log[0] if self.log else None, "final": self.log[-1] if self.log else None}
 
 
@@ -332,6 +358,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its part (FSDP2: its shard) before the rename
     if accelerator.is_main_process:
         atomic_write_json(tmp / "state.json", {"step": step})  # written last: marks the checkpoint complete
         if final.exists():
@@ -390,12 +417,20 @@ def train(
     ``accelerator.device``. ``rebuild_student`` makes a fresh copy of the student on the CPU, into which the main
     process loads the gathered weights at the end of a sharded run (FSDP2, ZeRO-3) to save them.
     """
-    from teacherfit.launch import training_accelerator
+    from teacherfit.launch import quiet, training_accelerator
 
     opts = cfg.train
     if len(examples) < opts.batch_size:
         raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch (batch_size={opts.batch_size})")
     accelerator = training_accelerator(cfg.models, opts, project_dir=run_dir)
+    with quiet(not accelerator.is_main_process):  # one console: the main process reports for all
+        return _train(cfg, accelerator, run_dir, student, tokenizer, examples, teacher_factory, vocab=vocab,
+                      layer_map=layer_map, rebuild_student=rebuild_student, card=card, resume=resume, label=label)
+
+
+def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examples: list[TrainExample],
+           teacher_factory, *, vocab, layer_map, rebuild_student, card, resume: bool, label: str) -> TrainResult:
+    opts = cfg.train
     torch.manual_seed(opts.seed)
     schedule = Schedule(len(examples), opts, accelerator.num_processes, accelerator.process_index)
     trainer = build_trainer(cfg, accelerator, student, teacher_factory, vocab=vocab, layer_map=layer_map,
@@ -453,7 +488,7 @@ def train(
         if opts.report_to:
             accelerator.end_training()
     result = TrainResult(run_dir, schedule.total_steps, log, resumed_from=start,
-                         seconds=time.perf_counter() - clock)
+                         seconds=time.perf_counter() - clock, distribution=trainer.distribution)
     card = {**card, "steps": schedule.total_steps, "final_log": log[-1] if log else None}
     result.model_dir = save_final_model(accelerator, trainer.module, tokenizer, run_dir / "model",
                                         rebuild=rebuild_student, save_dtype=opts.save_dtype, card=card)
@@ -488,6 +523,12 @@ def save_final_model(accelerator, module, tokenizer, out: Path, *, rebuild: Call
         state = accelerator.get_state_dict(module)
         student = None
         if accelerator.is_main_process:
+            if accelerator.distributed_type.value == "DEEPSPEED":
+                # transformers builds models partitioned (zero.Init, a collective) while a ZeRO-3 config is active;
+                # this copy is the main process's alone
+                from transformers.integrations import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             student = rebuild()
             prefix = "student."
             missing, unexpected = student.load_state_dict(
