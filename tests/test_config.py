@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,19 @@ def test_trl_names_are_only_suggested_where_the_command_has_the_field():
     with pytest.raises(ConfigError) as err:  # rank has no training section: no `train.lr` to point to
         load_config(RankConfig, None, ["student=s", "learning_rate=1e-4"])
     assert "TRL" not in str(err.value)
+
+
+def test_config_imports_nothing_heavy():
+    """`config` imports only pydantic, yaml and the standard library (docs/architecture.md): loading a config,
+    or `--help`, never pays for torch, openai or numpy. Checked in a fresh interpreter."""
+    heavy = ("torch", "transformers", "openai", "numpy", "scipy", "accelerate", "datasets")
+    code = f"import sys, teacherfit.config; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
+    from teacherfit import generation, metrics, remote
+    from teacherfit.config import DEFAULT_BETA, DecodingConfig, RemoteConfig, RemoteError, VLLMEngineConfig
+
+    # the classes moved here; the modules that used to define them hand out the same objects
+    assert generation.DecodingConfig is DecodingConfig and generation.VLLMEngineConfig is VLLMEngineConfig
+    assert remote.RemoteConfig is RemoteConfig and remote.RemoteError is RemoteError
+    assert metrics.DEFAULT_BETA == DEFAULT_BETA

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -184,12 +185,58 @@ def test_sequence_level_kd_needs_no_teacher(ws, tmp_path):
     assert summary["final"]["kd"] == 0 and summary["final"]["ce"] > 0 and summary["teacher"] is None
 
 
-def test_lora_student_trains_and_saves_merged(ws, tmp_path):
+def test_lora_student_saves_merged_and_adapter_alone_with_a_model_card(ws, tmp_path):
+    """The merged model and the adapter alone (peft) give the same logits; the card says what was trained how."""
+    from peft import PeftModel
+
     from teacherfit.pipelines.distill import run_distill
 
+    root, teacher, student, data = ws
     summary = run_distill(_cfg(ws, tmp_path / "lora", "lora={r: 4, alpha: 8}", "train.max_steps=2"))
-    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
-    assert not any("lora" in n for n, _ in model.named_parameters())
+    model_dir = Path(summary["model_dir"])
+    merged = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    adapter_dir = model_dir.parent / "model-adapter"
+    assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
+    assert not (adapter_dir / "model.safetensors").exists()  # the adapter alone, not a second full model
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), adapter_dir).eval()
+    ids = torch.tensor([[1, 7, 11, 15, 19]])
+    with torch.no_grad():
+        want, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(student).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-6  # the adapters were trained
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "teacherfit" in card
+    for text in (f"| base model | `{student}` |", f"| teacher | `{teacher}` |", str(data), "| optimizer steps | 2 |",
+                 '"ce": 0.0, "pred": 1.0', "forward_kl, temperature 1.0", '"r": 4', "| adapter only | model-adapter |",
+                 "| saved dtype | float32 |"):
+        assert text in card, text
+    assert f"loss {summary['final']['loss']:.4f}" in card
+
+
+def test_saved_model_dtype_and_a_base_students_chat_template(ws, tmp_path, base_tokenizer):
+    """save_dtype=bfloat16 writes bf16 weights; a student without a chat template is saved with the plain
+    template it was trained with, so apply_chat_template renders what training rendered."""
+    from teacherfit.data import PLAIN_CHAT_TEMPLATE
+    from teacherfit.pipelines.distill import run_distill
+
+    root, teacher, student, data = ws
+    base_student = save_tiny(tiny_llama(base_tokenizer, seed=22, layers=2), base_tokenizer, tmp_path / "base")
+    summary = run_distill(_cfg(ws, tmp_path / "bf16", f"student={base_student}", "kd.lambda=0",
+                               "train.max_steps=1", "train.save_dtype=bfloat16"))
+    model_dir = Path(summary["model_dir"])
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(model_dir)
+    assert saved.chat_template == PLAIN_CHAT_TEMPLATE
+    assert "plain template" in (model_dir / "README.md").read_text()
 
 
 def test_killed_run_resumes_with_the_same_loss_curve(ws, tmp_path):

@@ -12,19 +12,251 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from teacherfit.generation import DecodingConfig, VLLMEngineConfig
-from teacherfit.metrics import DEFAULT_BETA
-from teacherfit.remote import RemoteConfig
 from teacherfit.store import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field."""
+
+
+# Settings of the backends and methods, defined here so that loading a config imports nothing heavy
+# (no torch, openai, numpy): `generation`, `remote` and `metrics` import them from here.
+
+DEFAULT_BETA: float = 1.0
+"""Weight of the compatibility term in CAR.
+
+The paper's value is not confirmed (docs/papers.md section 1.2): 1.0 is a neutral placeholder that gives loss a
+visible effect at typical token losses (about 0.5 to 2 nats). Fit it to observed outcomes with
+``calibrate_beta`` / ``loo_calibrated_car`` when outcomes exist.
+"""
+
+
+class DecodingConfig(BaseModel):
+    """Decoding settings, recorded with every generated row."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo (`temprature`, `max_tokens`) is an error, not a default
+
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per response.")
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding (the paper's default).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (only when temperature > 0).")
+    n: int = Field(1, ge=1, description="Candidates per prompt; with n > 1 best-of-N keeps the best by reward.")
+    seed: int = Field(0, description="Seed for sampling; recorded with each row.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class VLLMEngineConfig(BaseModel):
+    """vLLM engine settings for one teacher (``backend: vllm``), checked before the engine starts.
+
+    The named fields are the ones a large teacher needs; ``engine_args`` passes any other field of vLLM's
+    ``EngineArgs`` (``vllm.EngineArgs``, the keyword arguments of ``vllm.LLM``), checked against the
+    installed vLLM's own field list.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one copy of the model is split across (a 70B "
+                                      "teacher in bf16: 4-8 GPUs of 80 GB).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (GPUs used = tensor x pipeline).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length the engine reserves KV cache for "
+                                      "(default: the model's own; lower it when the KV cache does not fit).")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM "
+                                          "may take (weights + KV cache).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights and activations "
+                                                                   "dtype ('auto': the checkpoint's).")
+    quantization: str | None = Field(None, description="vLLM quantization method (e.g. 'fp8', 'awq', 'gptq'); "
+                                     "None: as the checkpoint says.")
+    seed: int = Field(0, description="Engine seed (each request also carries decoding.seed).")
+    enforce_eager: bool = Field(False, description="No CUDA graphs: slower, less memory, faster start.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM EngineArgs field, "
+                                        "e.g. {enable_prefix_caching: true, max_num_seqs: 256}.")
+    chunk_size: int = Field(512, ge=1, description="Prompts per engine call; each chunk's rows are written as it "
+                            "finishes (a killed run loses at most one chunk; the progress bar moves per chunk).")
+
+    # What the settings digest of the rows leaves out: how the work is spread and scheduled, not what it computes.
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("tensor_parallel_size", "pipeline_parallel_size",
+                                                  "gpu_memory_utilization", "enforce_eager", "chunk_size")
+
+    def engine_kwargs(self, *, fields: set[str] | None = None, where: str = "vllm") -> dict[str, Any]:
+        """The keyword arguments for ``vllm.LLM``. ``fields``: the installed vLLM's ``EngineArgs`` field names;
+        every key must be one of them. Raises ``ValueError`` naming the config field."""
+        typed = self.model_dump(exclude={"engine_args", "chunk_size"}, exclude_none=True)
+        both = sorted(set(typed) & set(self.engine_args))
+        if both:
+            raise ValueError(f"{where}.engine_args: {', '.join(both)} has its own field ({where}.{both[0]}); set it there")
+        kwargs = {**typed, **self.engine_args}
+        if fields is not None:
+            for key in kwargs:
+                if key not in fields:
+                    import difflib
+
+                    close = difflib.get_close_matches(key, sorted(fields), n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"{where}.engine_args: {key!r} is not a field of the installed vLLM's EngineArgs"
+                                     f"{hint}; see the vLLM engine arguments documentation")
+        return kwargs
+
+    def digest_fields(self) -> dict[str, Any]:
+        """What shapes the responses (hashed into the rows' settings digest)."""
+        return self.model_dump(exclude=set(self.RESOURCE_FIELDS))
+
+
+# Local servers (llama.cpp, vLLM without --api-key) accept any key, but the client insists on one.
+PLACEHOLDER_KEY = "EMPTY"
+MAX_RETRY_AFTER_S = 120.0  # the longest a server's Retry-After makes one retry wait
+
+
+class RemoteError(RuntimeError):
+    """A request failed for good: at once on a client error, or after its retries ran out."""
+
+
+# Query parameters that carry credentials in the URL forms servers and gateways accept.
+_SECRET_PARAMS = ("key", "api-key", "api_key", "apikey", "token", "access_token", "auth", "password", "secret",
+                  "sig", "signature", "code")
+OPENAI_HOSTS = ("api.openai.com",)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password in its user part and credential-like query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = (user.split(":", 1)[0] + ":***" if ":" in user else "***") + "@" + host
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if any(s in k.lower() for s in _SECRET_PARAMS) else v) for k, v in pairs],
+                          safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _check_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"{redact_url(url)!r} is not a URL; e.g. http://127.0.0.1:8000/v1") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{redact_url(url)!r} is not an http(s) URL with a host; e.g. http://127.0.0.1:8000/v1")
+    return url
+
+
+def _same_server(url: str) -> tuple[Any, ...]:
+    """What makes two URLs one server: scheme, host, port, path (trailing slash ignored) and query."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/"), parts.query
+
+
+class RemoteConfig(BaseModel):
+    """Where the OpenAI-compatible server (or fleet of servers) is and how hard to push it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | list[str] = Field(
+        description='Server root including the API prefix, e.g. "http://127.0.0.1:8000/v1"; or a list of them: '
+        "a fleet of servers that all serve the same model, each request going to the least busy one that is up."
+    )
+    model: str = Field(description="Model name the server expects in each request.")
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the API key. Unset: no key is sent "
+        f"({PLACEHOLDER_KEY!r}, which local servers accept), except OPENAI_API_KEY to api.openai.com.",
+    )
+    concurrency: int = Field(8, ge=1, description="Most requests in flight at once per server (per URL of "
+                             "base_url): a fleet of 4 URLs with concurrency 8 has up to 32 in flight.")
+    timeout_s: float = Field(120.0, gt=0.0, description="Seconds before one request counts as failed.")
+    max_retries: int = Field(4, ge=0, description="Retries per request on connection errors, timeouts, 408, 409, "
+                             "429 and 5xx. Moving a request away from a fleet's server that did not answer or said Retry-After, "
+                             "to another that is up, costs none.")
+    backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles per retry, with jitter. A 429 or "
+                             f"503 that says Retry-After waits that long instead (at most {MAX_RETRY_AFTER_S:g} s).")
+    cooldown_s: float = Field(30.0, ge=0.0, description="Seconds a server that did not answer (connection error, "
+                              "timeout) is left out of a fleet before it is asked again.")
+    token_limit_param: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
+        "auto",
+        description="The request field that carries the token limit. auto: max_completion_tokens to "
+        "api.openai.com, max_tokens elsewhere, switching to max_completion_tokens (once) when a server refuses "
+        "max_tokens with a 400 that says so.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            return _check_url(v)
+        if not v:
+            raise ValueError("an empty list names no server; give one URL, or a list of the URLs of servers that "
+                             "serve the same model, e.g. [http://10.0.0.1:8000/v1, http://10.0.0.2:8000/v1]")
+        seen: dict[tuple[Any, ...], str] = {}
+        for url in v:
+            key = _same_server(_check_url(url))
+            if key in seen:
+                twice = (f"{redact_url(url)!r} is listed twice" if url == seen[key] else
+                         f"{redact_url(seen[key])!r} and {redact_url(url)!r} are the same server")
+                raise ValueError(f"{twice}; list each server once (`concurrency` sets how many requests each "
+                                 "one gets at once)")
+            seen[key] = url
+        return v
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers: ``[base_url]``, or the fleet's URLs."""
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
+    @property
+    def is_fleet(self) -> bool:
+        """``base_url`` is a list (even of one URL)."""
+        return not isinstance(self.base_url, str)
+
+    def shown_urls(self) -> str:
+        """The URLs, masked, for messages: one, or all of a fleet's comma-separated."""
+        return ", ".join(redact_url(url) for url in self.urls)
+
+    def identity(self) -> dict[str, Any]:
+        """What this endpoint is, safe to write, log or hash into an id: the masked URL and the model name.
+
+        A fleet is its model name only (and ``fleet: True``): its servers all serve that model, so adding or
+        removing a server is the same endpoint, and a generate run keeps its rows instead of regenerating them.
+        """
+        if self.is_fleet:
+            return {"model": self.model, "fleet": True}
+        return {"base_url": redact_url(self.base_url), "model": self.model}
+
+    def key_env(self, url: str | None = None) -> str | None:
+        """The variable the key is read from: the one the config names, or OPENAI_API_KEY for OpenAI's API.
+
+        ``url``: the key for that server; None: the key any of the servers gets.
+        """
+        if self.api_key_env:
+            return self.api_key_env
+        urls = [url] if url else self.urls
+        return "OPENAI_API_KEY" if any((urlsplit(u).hostname or "") in OPENAI_HOSTS for u in urls) else None
+
+    def check_key(self) -> None:
+        """Raise ``RemoteError`` when the config names a key variable that is not set (before any request)."""
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise RemoteError(f"remote.api_key_env: the environment variable {self.api_key_env} is not set; "
+                              f"export it, or remove api_key_env for a server that needs no key")
 
 
 class Strict(BaseModel):
@@ -801,8 +1033,6 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         shown = e.get("input")
         if isinstance(shown, (str, list)) and any("url" in str(part) for part in e["loc"]):
-            from teacherfit.remote import redact_url
-
             # a URL (or a fleet's list of them) may carry a password or a key: never echo it
             shown = redact_url(shown) if isinstance(shown, str) else [
                 redact_url(u) if isinstance(u, str) else u for u in shown]
@@ -904,8 +1134,6 @@ def _take_lock(out: Path) -> int:
 
 def redact_urls(value: Any) -> Any:
     """The resolved config with the secrets of every ``base_url`` masked (it is written to disk)."""
-    from teacherfit.remote import redact_url
-
     if isinstance(value, dict):
         return {k: redact_url(v) if k == "base_url" and isinstance(v, str)
                 else [redact_url(u) if isinstance(u, str) else u for u in v] if k == "base_url" and isinstance(v, list)

@@ -13,25 +13,9 @@ Engines:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Protocol
+from typing import Any, Iterator, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class DecodingConfig(BaseModel):
-    """Decoding settings, recorded with every generated row."""
-
-    model_config = ConfigDict(extra="forbid")  # a typo (`temprature`, `max_tokens`) is an error, not a default
-
-    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per response.")
-    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding (the paper's default).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (only when temperature > 0).")
-    n: int = Field(1, ge=1, description="Candidates per prompt; with n > 1 best-of-N keeps the best by reward.")
-    seed: int = Field(0, description="Seed for sampling; recorded with each row.")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from teacherfit.config import DecodingConfig, VLLMEngineConfig
 
 
 @dataclass
@@ -173,62 +157,6 @@ class TransformersGenerator(ChunkedGenerator):
         new = out[:, width:].tolist()
         return [[self._completion(new[row * decoding.n + k], len(p)) for k in range(decoding.n)]
                 for row, p in enumerate(prompts)]
-
-
-class VLLMEngineConfig(BaseModel):
-    """vLLM engine settings for one teacher (``backend: vllm``), checked before the engine starts.
-
-    The named fields are the ones a large teacher needs; ``engine_args`` passes any other field of vLLM's
-    ``EngineArgs`` (``vllm.EngineArgs``, the keyword arguments of ``vllm.LLM``), checked against the
-    installed vLLM's own field list.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one copy of the model is split across (a 70B "
-                                      "teacher in bf16: 4-8 GPUs of 80 GB).")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (GPUs used = tensor x pipeline).")
-    max_model_len: int | None = Field(None, ge=16, description="Context length the engine reserves KV cache for "
-                                      "(default: the model's own; lower it when the KV cache does not fit).")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM "
-                                          "may take (weights + KV cache).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights and activations "
-                                                                   "dtype ('auto': the checkpoint's).")
-    quantization: str | None = Field(None, description="vLLM quantization method (e.g. 'fp8', 'awq', 'gptq'); "
-                                     "None: as the checkpoint says.")
-    seed: int = Field(0, description="Engine seed (each request also carries decoding.seed).")
-    enforce_eager: bool = Field(False, description="No CUDA graphs: slower, less memory, faster start.")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM EngineArgs field, "
-                                        "e.g. {enable_prefix_caching: true, max_num_seqs: 256}.")
-    chunk_size: int = Field(512, ge=1, description="Prompts per engine call; each chunk's rows are written as it "
-                            "finishes (a killed run loses at most one chunk; the progress bar moves per chunk).")
-
-    # What the settings digest of the rows leaves out: how the work is spread and scheduled, not what it computes.
-    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("tensor_parallel_size", "pipeline_parallel_size",
-                                                  "gpu_memory_utilization", "enforce_eager", "chunk_size")
-
-    def engine_kwargs(self, *, fields: set[str] | None = None, where: str = "vllm") -> dict[str, Any]:
-        """The keyword arguments for ``vllm.LLM``. ``fields``: the installed vLLM's ``EngineArgs`` field names;
-        every key must be one of them. Raises ``ValueError`` naming the config field."""
-        typed = self.model_dump(exclude={"engine_args", "chunk_size"}, exclude_none=True)
-        both = sorted(set(typed) & set(self.engine_args))
-        if both:
-            raise ValueError(f"{where}.engine_args: {', '.join(both)} has its own field ({where}.{both[0]}); set it there")
-        kwargs = {**typed, **self.engine_args}
-        if fields is not None:
-            for key in kwargs:
-                if key not in fields:
-                    import difflib
-
-                    close = difflib.get_close_matches(key, sorted(fields), n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"{where}.engine_args: {key!r} is not a field of the installed vLLM's EngineArgs"
-                                     f"{hint}; see the vLLM engine arguments documentation")
-        return kwargs
-
-    def digest_fields(self) -> dict[str, Any]:
-        """What shapes the responses (hashed into the rows' settings digest)."""
-        return self.model_dump(exclude=set(self.RESOURCE_FIELDS))
 
 
 def vllm_engine_fields() -> set[str]:

@@ -15,13 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-DEFAULT_BETA: float = 1.0
-"""Weight of the compatibility term in CAR.
-
-The paper's value is not confirmed (docs/papers.md section 1.2): 1.0 is a neutral placeholder that gives loss a
-visible effect at typical token losses (about 0.5 to 2 nats). Fit it to observed outcomes with
-``calibrate_beta`` / ``loo_calibrated_car`` when outcomes exist.
-"""
+from teacherfit.config import DEFAULT_BETA
 
 POSITIVE_REWARD_FLOOR: float = 0.1
 """Score given to the lowest reward by ``positive_rewards`` (the highest gets 1 + floor).

@@ -33,50 +33,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
+from urllib.parse import parse_qsl, urlsplit
 
 import openai
 from openai import OpenAI
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from teacherfit.generation import Completion, DecodingConfig
+from teacherfit.config import (
+    _SECRET_PARAMS,
+    MAX_RETRY_AFTER_S,
+    OPENAI_HOSTS,
+    PLACEHOLDER_KEY,
+    DecodingConfig,
+    RemoteConfig,
+    RemoteError,
+    redact_url,
+)
+from teacherfit.generation import Completion
 
 log = logging.getLogger(__name__)
 
-# Local servers (llama.cpp, vLLM without --api-key) accept any key, but the client insists on one.
-PLACEHOLDER_KEY = "EMPTY"
 MAX_BACKOFF_S = 30.0
-MAX_RETRY_AFTER_S = 120.0  # the longest a server's Retry-After makes one retry wait
-
-
-class RemoteError(RuntimeError):
-    """A request failed for good: at once on a client error, or after its retries ran out."""
-
-
-# Query parameters that carry credentials in the URL forms servers and gateways accept.
-_SECRET_PARAMS = ("key", "api-key", "api_key", "apikey", "token", "access_token", "auth", "password", "secret",
-                  "sig", "signature", "code")
-OPENAI_HOSTS = ("api.openai.com",)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with a password in its user part and credential-like query values replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        netloc = (user.split(":", 1)[0] + ":***" if ":" in user else "***") + "@" + host
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if any(s in k.lower() for s in _SECRET_PARAMS) else v) for k, v in pairs],
-                          safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def url_secrets(url: str) -> list[str]:
@@ -90,116 +67,6 @@ def url_secrets(url: str) -> list[str]:
     except ValueError:
         return [url]
     return [f for f in found if len(f) >= 3]
-
-
-def _check_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ValueError(f"{redact_url(url)!r} is not a URL; e.g. http://127.0.0.1:8000/v1") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{redact_url(url)!r} is not an http(s) URL with a host; e.g. http://127.0.0.1:8000/v1")
-    return url
-
-
-def _same_server(url: str) -> tuple[Any, ...]:
-    """What makes two URLs one server: scheme, host, port, path (trailing slash ignored) and query."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/"), parts.query
-
-
-class RemoteConfig(BaseModel):
-    """Where the OpenAI-compatible server (or fleet of servers) is and how hard to push it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str | list[str] = Field(
-        description='Server root including the API prefix, e.g. "http://127.0.0.1:8000/v1"; or a list of them: '
-        "a fleet of servers that all serve the same model, each request going to the least busy one that is up."
-    )
-    model: str = Field(description="Model name the server expects in each request.")
-    api_key_env: str | None = Field(
-        None,
-        description="Name of the environment variable holding the API key. Unset: no key is sent "
-        f"({PLACEHOLDER_KEY!r}, which local servers accept), except OPENAI_API_KEY to api.openai.com.",
-    )
-    concurrency: int = Field(8, ge=1, description="Most requests in flight at once per server (per URL of "
-                             "base_url): a fleet of 4 URLs with concurrency 8 has up to 32 in flight.")
-    timeout_s: float = Field(120.0, gt=0.0, description="Seconds before one request counts as failed.")
-    max_retries: int = Field(4, ge=0, description="Retries per request on connection errors, timeouts, 408, 409, "
-                             "429 and 5xx. Moving a request away from a fleet's server that did not answer or said Retry-After, "
-                             "to another that is up, costs none.")
-    backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles per retry, with jitter. A 429 or "
-                             f"503 that says Retry-After waits that long instead (at most {MAX_RETRY_AFTER_S:g} s).")
-    cooldown_s: float = Field(30.0, ge=0.0, description="Seconds a server that did not answer (connection error, "
-                              "timeout) is left out of a fleet before it is asked again.")
-    token_limit_param: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
-        "auto",
-        description="The request field that carries the token limit. auto: max_completion_tokens to "
-        "api.openai.com, max_tokens elsewhere, switching to max_completion_tokens (once) when a server refuses "
-        "max_tokens with a 400 that says so.",
-    )
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, str):
-            return _check_url(v)
-        if not v:
-            raise ValueError("an empty list names no server; give one URL, or a list of the URLs of servers that "
-                             "serve the same model, e.g. [http://10.0.0.1:8000/v1, http://10.0.0.2:8000/v1]")
-        seen: dict[tuple[Any, ...], str] = {}
-        for url in v:
-            key = _same_server(_check_url(url))
-            if key in seen:
-                twice = (f"{redact_url(url)!r} is listed twice" if url == seen[key] else
-                         f"{redact_url(seen[key])!r} and {redact_url(url)!r} are the same server")
-                raise ValueError(f"{twice}; list each server once (`concurrency` sets how many requests each "
-                                 "one gets at once)")
-            seen[key] = url
-        return v
-
-    @property
-    def urls(self) -> list[str]:
-        """The servers: ``[base_url]``, or the fleet's URLs."""
-        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
-
-    @property
-    def is_fleet(self) -> bool:
-        """``base_url`` is a list (even of one URL)."""
-        return not isinstance(self.base_url, str)
-
-    def shown_urls(self) -> str:
-        """The URLs, masked, for messages: one, or all of a fleet's comma-separated."""
-        return ", ".join(redact_url(url) for url in self.urls)
-
-    def identity(self) -> dict[str, Any]:
-        """What this endpoint is, safe to write, log or hash into an id: the masked URL and the model name.
-
-        A fleet is its model name only (and ``fleet: True``): its servers all serve that model, so adding or
-        removing a server is the same endpoint, and a generate run keeps its rows instead of regenerating them.
-        """
-        if self.is_fleet:
-            return {"model": self.model, "fleet": True}
-        return {"base_url": redact_url(self.base_url), "model": self.model}
-
-    def key_env(self, url: str | None = None) -> str | None:
-        """The variable the key is read from: the one the config names, or OPENAI_API_KEY for OpenAI's API.
-
-        ``url``: the key for that server; None: the key any of the servers gets.
-        """
-        if self.api_key_env:
-            return self.api_key_env
-        urls = [url] if url else self.urls
-        return "OPENAI_API_KEY" if any((urlsplit(u).hostname or "") in OPENAI_HOSTS for u in urls) else None
-
-    def check_key(self) -> None:
-        """Raise ``RemoteError`` when the config names a key variable that is not set (before any request)."""
-        if self.api_key_env and not os.environ.get(self.api_key_env):
-            raise RemoteError(f"remote.api_key_env: the environment variable {self.api_key_env} is not set; "
-                              f"export it, or remove api_key_env for a server that needs no key")
 
 
 class RequestStats:
