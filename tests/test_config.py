@@ -167,7 +167,13 @@ def test_config_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout
     from teacherfit import generation, metrics, remote
-    from teacherfit.config import DEFAULT_BETA, DecodingConfig, RemoteConfig, RemoteError, VLLMEngineConfig
+    from teacherfit.config import (
+        DEFAULT_BETA,
+        DecodingConfig,
+        RemoteConfig,
+        RemoteError,
+        VLLMEngineConfig,
+    )
 
     # the classes moved here; the modules that used to define them hand out the same objects
     assert generation.DecodingConfig is DecodingConfig and generation.VLLMEngineConfig is VLLMEngineConfig
