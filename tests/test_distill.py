@@ -261,6 +261,19 @@ def test_killed_run_resumes_with_the_same_loss_curve(ws, tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
 
 
+def test_a_resume_under_another_batch_layout_is_refused(ws, tmp_path):
+    """The checkpoint records which batches its steps held; resuming with another batch size (or process count,
+    accumulation, example set, seed) would skip or repeat examples, and is refused naming what changed."""
+    from teacherfit.pipelines.distill import run_distill
+
+    out = tmp_path / "layout"
+    run_distill(_cfg(ws, out, "train.max_steps=2", "train.checkpoint_every=1"))
+    state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state == {"step": 2, "processes": 1, "batch_size": 2, "grad_accum": 2, "examples": len(QA), "seed": 0}
+    with pytest.raises(ValueError, match="another batch layout \\(batch_size 2 -> 1\\)"):
+        run_distill(_cfg(ws, out, "train.max_steps=4", "train.batch_size=1"))
+
+
 def test_two_process_ddp_matches_one_process_with_accumulation(ws, tmp_path):
     """Two CPU processes (gloo): the same global batch per step gives the same losses and model."""
     root, teacher, student, data = ws

@@ -51,7 +51,7 @@ def _write(tmp_path: Path, name: str, cfg: dict) -> Path:
 def _distill(ws, **train) -> dict:
     return {"student": str(ws["student"]), "teacher": str(ws["teacher"]), "models": {"device": "cpu"},
             "data": {"responses": [{"name": "t", "path": str(ws["data"])}]}, "kd": {"lambda": 0.6, "w_attn": 0.5},
-            "train": {"batch_size": 2, "max_steps": 3, "warmup_steps": 1, "lr": 1e-3, **train}}
+            "train": {"batch_size": 2, "max_steps": 3, "warmup_steps": 1, "lr": 1e-3, "epochs": 2, **train}}
 
 
 def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -79,11 +79,14 @@ def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def test_fsdp2_two_processes_equal_one_process_with_the_student_and_teacher_sharded(ws, tmp_path):
     """configs/accelerate/fsdp.yaml on 2 CPU processes = 1 process with twice the accumulation: every log value
-    (losses, attention KD through the sharded teacher, gradient norm, lr) and the saved weights, to 1e-5."""
+    (losses, attention KD through the sharded teacher, gradient norm, lr) and the saved weights, to 1e-5.
+    8 examples, 1 per micro-batch, 3 micro-batches per process per step: steps of 6, 2 (an epoch's short end) and
+    6 micro-batches, so gradient sync is held back within a step and the short step is shared evenly."""
     single = _run([sys.executable, "-m", "teacherfit", "distill", "-c",
-                   str(_write(tmp_path, "single", _distill(ws, grad_accum=2)))])
+                   str(_write(tmp_path, "single", _distill(ws, batch_size=1, grad_accum=6)))])
     assert single.returncode == 0, single.stdout + single.stderr
-    fsdp = accelerate_launch(CONFIGS / "fsdp.yaml", "distill", _write(tmp_path, "fsdp", _distill(ws, grad_accum=1)))
+    fsdp = accelerate_launch(CONFIGS / "fsdp.yaml", "distill",
+                             _write(tmp_path, "fsdp", _distill(ws, batch_size=1, grad_accum=3)))
     assert fsdp.returncode == 0, fsdp.stdout + fsdp.stderr
     dist = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["distribution"]
     # the student really is split (each process holds half of every parameter) and so is the frozen teacher
@@ -140,13 +143,13 @@ def test_deepspeed_zero_two_processes_equal_one_process(ws, tmp_path, stage):
     log and the saved weights equal one process's. ZeRO-3 partitions the student and the teacher (each process
     holds half) and the saved model is gathered whole."""
     pytest.importorskip("deepspeed")
-    single_cfg = _distill(ws, grad_accum=2)
+    single_cfg = _distill(ws, batch_size=1, grad_accum=6)  # steps of 6, 2 and 6 micro-batches, as for FSDP2
     if stage == 3:  # a partitioned head takes the checkpointed head path: the reference takes it too
         single_cfg["kd"]["fused_head"] = False
     single = _run([sys.executable, "-m", "teacherfit", "distill", "-c", str(_write(tmp_path, "single", single_cfg))])
     assert single.returncode == 0, single.stdout + single.stderr
     zero = accelerate_launch(CONFIGS / f"deepspeed_zero{stage}.yaml", "distill",
-                             _write(tmp_path, "zero", _distill(ws, grad_accum=1)))
+                             _write(tmp_path, "zero", _distill(ws, batch_size=1, grad_accum=3)))
     assert zero.returncode == 0, zero.stdout + zero.stderr
     dist = json.loads((tmp_path / "zero" / "summary.json").read_text())["distribution"]
     assert dist["launch"] == "deepspeed" and dist["type"] == "DEEPSPEED" and dist["processes"] == 2

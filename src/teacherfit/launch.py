@@ -2,9 +2,9 @@
 
 Every command that can run on several processes joins them here, so the decisions about devices, backends and
 which process writes live in one place: ``Processes`` for the data-parallel stages (rank's sharded scoring,
-cache-teacher's sharded rows, the main-only stages of study and align), ``training_accelerator`` for the
-training runtime (DDP, FSDP2, DeepSpeed), which also checks that the distribution a launch asked for is the
-one in effect.
+cache-teacher's sharded rows), ``is_main_process`` for what only the main process writes (summaries, reports,
+align's held-out and judged scores), ``training_accelerator`` for the training runtime (DDP, FSDP2, DeepSpeed),
+which also checks that the distribution a launch asked for is the one in effect.
 """
 
 from __future__ import annotations
@@ -159,6 +159,13 @@ def training_accelerator(models: ModelOptions, opts: Any, *, project_dir: Any = 
     cpu = models.device == "cpu" or not torch.cuda.is_available()
     mixed = "no" if cpu or models.dtype in ("float32", "fp32") else (
         "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # a long wait in a collective is normal here: the main process scores align's held-out sets (or converts a
+    # GGUF) while the others wait for the first step
+    group = {"timeout": timedelta(hours=2)}
     kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": mixed, "gradient_accumulation_steps": opts.grad_accum,
                               "step_scheduler_with_optimizer": False,  # else it steps once per process per step
                               "log_with": list(opts.report_to) or None,
@@ -168,15 +175,14 @@ def training_accelerator(models: ModelOptions, opts: Any, *, project_dir: Any = 
         if cpu:
             # accelerate turns DeepSpeed off with cpu=True; DeepSpeed's own CPU accelerator runs it over gloo (the
             # backend must be named: with none, accelerate's state takes every process for the only one)
-            from accelerate.utils import InitProcessGroupKwargs
-
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            kwargs.update(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+            kwargs["cpu"] = False
+            group["backend"] = "gloo"
     if want == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # its settings from the launch's environment
-    accelerator = Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs, kwargs_handlers=[InitProcessGroupKwargs(**group)])
     if want == "fsdp2" and accelerator.distributed_type == DistributedType.MULTI_CPU:
         from accelerate.state import PartialState
 
@@ -193,7 +199,12 @@ def training_accelerator(models: ModelOptions, opts: Any, *, project_dir: Any = 
             f"runs {accelerator.distributed_type.value} on {accelerator.num_processes}: check the accelerate config "
             "(distributed_type, num_processes, use_cpu) and that the backend is installed (pip install deepspeed)")
     if want == "deepspeed":
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = opts.batch_size
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        theirs = ds.get("train_micro_batch_size_per_gpu", "auto")
+        if theirs not in ("auto", None) and int(theirs) != opts.batch_size:
+            raise ConfigError(f"the DeepSpeed config sets train_micro_batch_size_per_gpu={theirs} but "
+                              f"train.batch_size={opts.batch_size}: set it to 'auto' or give the same value")
+        ds["train_micro_batch_size_per_gpu"] = opts.batch_size
     if accelerator.num_processes > 1 and models.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"models.device={models.device!r} names one device, but {accelerator.num_processes} "
                           "processes train: each uses its own (accelerate's device); set models.device=auto (or cpu)")

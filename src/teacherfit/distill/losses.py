@@ -496,7 +496,7 @@ def _is_identity(post: Callable[[Tensor], Tensor] | None) -> bool:
 def linear_head_params(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     """``(weight [V, d], bias [V] | None)`` of a plain linear LM head, or None when it is something else.
 
-    A head may offer ``linear_params()`` (as ``distill.train.VocabHead`` does for padded vocabularies). Heads
+    A head may offer ``linear_params()`` (as ``models.VocabHead`` does for padded vocabularies). Heads
     whose weights are not materialised in the module (DeepSpeed ZeRO-3 partitions, empty placeholders) and
     any other module (e.g. a LoRA-wrapped head) return None: ``chunked_head_losses`` then takes its
     checkpointed path, which only calls the module.

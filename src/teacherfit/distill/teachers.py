@@ -152,7 +152,7 @@ class StartingWeightsTeacher(SingleTeacher):
     def __init__(self, model: nn.Module, *, vocab: int | None, student_device: torch.device):
         if not hasattr(model, "disable_adapter"):
             raise ValueError("the starting-weights teacher needs a LoRA student (set `lora`), or give the model itself")
-        self.model, self.vocab, self.student_device = model, vocab, student_device
+        self.model, self.student_device = model, student_device
         self.head = AdaptersOff(model, output_head(model, vocab))
         self.post_head = active_post_head(model)
 

@@ -188,7 +188,7 @@ class Trainer:
                  kd: KDConfig, opts: TrainOptions, *, attn_on: bool):
         self.accelerator, self.module, self.optimizer, self.scheduler = accelerator, module, optimizer, scheduler
         self.teacher, self.kd, self.opts, self.attn_on = teacher, kd, opts, attn_on
-        self.weights = kd.weights()
+        self.weights = module.weights if isinstance(module, DistillModule) else kd.weights()
         self.needs_teacher = kd.lambda_ > 0 and (kd.w_pred > 0 or attn_on)
         if self.needs_teacher and teacher is None:
             raise ValueError("KD terms are on (kd.lambda > 0) but no teacher or teacher_cache was given")
@@ -344,7 +344,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, layout: dict[str, Any] | None = None) -> Path:
     """accelerate's full state (model, optimizer, scheduler, RNG) written to a temp dir, then renamed."""
     root = run_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -360,7 +360,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()  # every process has written its part (FSDP2: its shard) before the rename
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "state.json", {"step": step})  # written last: marks the checkpoint complete
+        # written last: marks the checkpoint complete; the layout says which batches the steps held
+        atomic_write_json(tmp / "state.json", {"step": step, **(layout or {})})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -437,10 +438,19 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
                             total_steps=schedule.total_steps)
 
     start = 0
+    # what decides which examples each step holds: a resume under another layout would skip or repeat examples
+    layout = {"processes": accelerator.num_processes, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
+              "examples": len(examples), "seed": opts.seed}
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
+        if changed:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise ValueError(f"{run_dir} holds a run with another batch layout ({what}): resuming would skip or repeat "
+                             "examples; launch it as before, or give a new --out")
         accelerator.load_state(str(ckpt))
-        start = json.loads((ckpt / "state.json").read_text())["step"]
+        start = state["step"]
         console.print(f"resuming from {ckpt.name} (step {start} of {schedule.total_steps})")
     log_path = run_dir / LOG_FILE
     log = _read_log(log_path, start)
@@ -479,7 +489,7 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
                 log.append(row)
                 advance(1, row["tokens"], info=f"loss {row['loss']:.4f}")
                 if (step + 1) % opts.checkpoint_every == 0 or step + 1 == schedule.total_steps:
-                    save_checkpoint(accelerator, run_dir, step + 1, opts.keep_checkpoints)
+                    save_checkpoint(accelerator, run_dir, step + 1, opts.keep_checkpoints, layout)
     finally:
         if capture is not None:
             capture.__exit__(None, None, None)
@@ -498,9 +508,10 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
 def saved_dtype(save_dtype: str, accelerator) -> torch.dtype:
     """``train.save_dtype``: 'auto' is the dtype the run computed in (bf16 / fp16 mixed precision on GPUs, fp32 on
     the CPU); the weights were trained in fp32 master copies either way."""
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    from teacherfit.models import pick_dtype
+
     if save_dtype != "auto":
-        return names[save_dtype]
+        return pick_dtype(save_dtype, accelerator.device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision), torch.float32)
 
 
@@ -542,7 +553,10 @@ def save_final_model(accelerator, module, tokenizer, out: Path, *, rebuild: Call
     if accelerator.is_main_process:
         dtype = saved_dtype(save_dtype, accelerator)
         adapter = out.parent / f"{out.name}-adapter"
-        if hasattr(student, "merge_and_unload"):  # LoRA: the adapter alone, then the merged model
+        lora = hasattr(student, "merge_and_unload")
+        if not lora and adapter.exists():
+            shutil.rmtree(adapter)  # an earlier LoRA run's, in the same directory
+        if lora:  # the adapter alone, then the merged model
             _replace_dir(adapter, lambda tmp: student.save_pretrained(tmp, safe_serialization=True))
             student = student.merge_and_unload()
         student = student.to(dtype)
@@ -554,7 +568,7 @@ def save_final_model(accelerator, module, tokenizer, out: Path, *, rebuild: Call
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card({**(card or {}), "dtype": str(dtype).removeprefix("torch."),
                                                        "plain_chat_template": plain,
-                                                       "adapter": adapter.name if adapter.exists() else None}))
+                                                       "adapter": adapter.name if lora else None}))
 
         _replace_dir(out, write)
     accelerator.wait_for_everyone()

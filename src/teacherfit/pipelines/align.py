@@ -220,12 +220,12 @@ def run_align(cfg: AlignConfig, *, resume: bool = True, dry_run: bool = False) -
     # 2) the shared preparation (compatibility, tokenisation, cache coverage per route), before any weights;
     # held-out files read
     job = prepare(cfg, [records[i] for i in mix], sources, route_of=route_of)
-    cfg = job.cfg
     for path in _heldout_sets(cfg).values():
         load_records(path, require_response=True)
 
-    # the inputs hold up: the run starts here
+    # the inputs hold up: the run starts here (named by the config as given, as distill's)
     run_dir = prepare_run_dir(cfg, "align")
+    cfg = job.cfg  # max_length clipped to the student's context
     main = is_main_process()  # routing, held-out and judged scores, results: once, by the main process
     if main:
         atomic_write_text(run_dir / "routing.jsonl", "".join(

@@ -199,7 +199,7 @@ def _teacher(job: Job, src: TeacherSource, accelerator, student: nn.Module):
 
     cfg, device = job.cfg, accelerator.device
     if src.kind == "self":
-        if is_sharded(accelerator) and accelerator.num_processes > 1:
+        if is_sharded(accelerator):
             raise ValueError(f"the {src.role} as the student's starting weights runs outside the student's sharded "
                              f"forward: under FSDP2 / ZeRO-3 give the model itself (`{src.role}: {cfg.student}`)")
         job.teachers_loaded[src.route] = {"model": cfg.student,
@@ -210,10 +210,10 @@ def _teacher(job: Job, src: TeacherSource, accelerator, student: nn.Module):
         job.teachers_loaded[src.route] = {"cache": str(cache.folder), **cache.meta.get("teacher", {})}
         return CachedTeacher(cache, device)
     console.print(f"loading the {src.role} {src.where}")
-    dtype = str(pick_dtype(cfg.models.dtype, device)).removeprefix("torch.")
     shard = is_sharded(accelerator) and accelerator.num_processes > 1
     # a sharded teacher is split before it moves to the device, so no process ever holds it whole there
     place = "cpu" if shard else (cfg.teacher_device or str(device))
+    dtype = str(pick_dtype(cfg.models.dtype, device if shard else torch.device(place))).removeprefix("torch.")
     loaded = load_model(str(src.where), device=place, dtype=dtype, trust_remote_code=cfg.models.trust_remote_code)
     sharded = shard_frozen(loaded.model, accelerator)
     if sharded:
@@ -255,8 +255,11 @@ def train_job(job: Job, run_dir: Path, *, resume: bool = True, label: str = "dis
         factories = {route: (lambda s=src: _teacher(job, s, accelerator, student)) for route, src in job.sources.items()}
         return RoutedTeacher(factories, job.route_of, eager=accelerator.num_processes > 1)
 
-    for note in job.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    from teacherfit.launch import is_main_process, quiet
+
+    with quiet(not is_main_process()):
+        for note in job.notes:
+            console.print(f"[yellow]note:[/] {note}")
     result = train(cfg, run_dir, student, tokenizer, job.examples, teacher_factory, vocab=job.vocab,
                    layer_map=job.layer_map, rebuild_student=lambda: build_student(cfg)[0],
                    card=card or model_card_info(job, "Distilled student", []), resume=resume, label=label)
