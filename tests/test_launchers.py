@@ -67,6 +67,30 @@ def accelerate_launch(config: Path, command: str, cfg_path: Path) -> subprocess.
                  "-m", "teacherfit", command, "-c", str(cfg_path)])
 
 
+def single_and_launched(ws, tmp_path: Path, config: str, single: dict, launched: dict) -> tuple[list, list, dict]:
+    """One process with ``single``'s train settings, then 2 processes under ``configs/accelerate/<config>`` with
+    ``launched``'s; returns both logs and the launched run's measured distribution."""
+    one = _run([sys.executable, "-m", "teacherfit", "distill", "-c", str(_write(tmp_path, "single", single))])
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = accelerate_launch(CONFIGS / config, "distill", _write(tmp_path, "launched", launched))
+    assert two.returncode == 0, two.stdout + two.stderr
+    dist = json.loads((tmp_path / "launched" / "summary.json").read_text())["distribution"]
+    return _log(tmp_path / "single"), _log(tmp_path / "launched"), dist
+
+
+def assert_same_run(a: list[dict], b: list[dict], keys=("loss", "ce", "kd", "attn", "grad_norm", "lr", "tokens")):
+    assert [r["step"] for r in b] == [r["step"] for r in a] and a
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-9), (ra["step"], key)
+
+
+def assert_same_weights(dir_a: Path, dir_b: Path) -> None:
+    ma, mb = AutoModelForCausalLM.from_pretrained(dir_a), AutoModelForCausalLM.from_pretrained(dir_b)
+    for (name, pa), (_, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert pa.shape == pb.shape and torch.allclose(pa, pb, atol=1e-5), name
+
+
 def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -82,59 +106,41 @@ def test_fsdp2_two_processes_equal_one_process_with_the_student_and_teacher_shar
     (losses, attention KD through the sharded teacher, gradient norm, lr) and the saved weights, to 1e-5.
     8 examples, 1 per micro-batch, 3 micro-batches per process per step: steps of 6, 2 (an epoch's short end) and
     6 micro-batches, so gradient sync is held back within a step and the short step is shared evenly."""
-    single = _run([sys.executable, "-m", "teacherfit", "distill", "-c",
-                   str(_write(tmp_path, "single", _distill(ws, batch_size=1, grad_accum=6)))])
-    assert single.returncode == 0, single.stdout + single.stderr
-    fsdp = accelerate_launch(CONFIGS / "fsdp.yaml", "distill",
-                             _write(tmp_path, "fsdp", _distill(ws, batch_size=1, grad_accum=3)))
-    assert fsdp.returncode == 0, fsdp.stdout + fsdp.stderr
-    dist = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["distribution"]
+    a, b, dist = single_and_launched(ws, tmp_path, "fsdp.yaml", _distill(ws, batch_size=1, grad_accum=6),
+                                     _distill(ws, batch_size=1, grad_accum=3))
     # the student really is split (each process holds half of every parameter) and so is the frozen teacher
     assert dist == {"launch": "fsdp2", "type": "FSDP", "processes": 2, "student_share": 0.5, "teacher_sharded": True}
     assert json.loads((tmp_path / "single" / "summary.json").read_text())["distribution"]["student_share"] == 1.0
-    a, b = _log(tmp_path / "single"), _log(tmp_path / "fsdp")
     assert [r["step"] for r in b] == [1, 2, 3]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "ce", "kd", "attn", "grad_norm", "lr", "tokens"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-9), (ra["step"], key)
+    assert_same_run(a, b)
     assert b[-1]["attn"] > 0 and b[-1]["kd"] > 0
-    ma = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model")
-    mb = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")  # gathered: no empty placeholders
-    for (name, pa), (_, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
-        assert pa.shape == pb.shape and torch.allclose(pa, pb, atol=1e-5), name
+    assert_same_weights(tmp_path / "single" / "model", tmp_path / "launched" / "model")  # gathered: no placeholders
+    mb = AutoModelForCausalLM.from_pretrained(tmp_path / "launched" / "model")
     student = AutoModelForCausalLM.from_pretrained(ws["student"])
     assert any(not torch.allclose(p, q) for p, q in zip(student.state_dict().values(), mb.state_dict().values()))
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
-    torch.testing.assert_close(_logits(tmp_path / "fsdp" / "model", ids), _logits(tmp_path / "single" / "model", ids),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(tmp_path / "launched" / "model", ids),
+                               _logits(tmp_path / "single" / "model", ids), rtol=1e-5, atol=1e-5)
     # the sharded checkpoint (each process its shard) is complete and a re-run resumes from it, training nothing
-    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-0000003"
+    ckpt = tmp_path / "launched" / "checkpoints" / "step-0000003"
     assert (ckpt / "state.json").exists() and (ckpt / "pytorch_model_fsdp_0").is_dir()
-    again = accelerate_launch(CONFIGS / "fsdp.yaml", "distill", tmp_path / "fsdp.yaml")
+    again = accelerate_launch(CONFIGS / "fsdp.yaml", "distill", tmp_path / "launched.yaml")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "resuming from step-0000003" in again.stdout + again.stderr and _log(tmp_path / "fsdp") == b
+    assert "resuming from step-0000003" in again.stdout + again.stderr and _log(tmp_path / "launched") == b
 
 
 def test_ddp_config_two_processes_equal_one_process(ws, tmp_path):
     """configs/accelerate/ddp.yaml on 2 CPU processes: same losses, lr schedule (stepped once per optimizer step,
     not once per process) and weights as 1 process with the same global batch."""
-    single = _run([sys.executable, "-m", "teacherfit", "distill", "-c",
-                   str(_write(tmp_path, "single", _distill(ws, grad_accum=2, warmup_steps=0)))])
-    assert single.returncode == 0, single.stdout + single.stderr
-    ddp = accelerate_launch(CONFIGS / "ddp.yaml", "distill",
-                            _write(tmp_path, "ddp", _distill(ws, grad_accum=1, warmup_steps=0)))
-    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
-    dist = json.loads((tmp_path / "ddp" / "summary.json").read_text())["distribution"]
+    a, b, dist = single_and_launched(ws, tmp_path, "ddp.yaml", _distill(ws, grad_accum=2, warmup_steps=0),
+                                     _distill(ws, grad_accum=1, warmup_steps=0))
     assert dist["launch"] == "ddp" and dist["type"] == "MULTI_CPU" and dist["processes"] == 2
     assert dist["student_share"] == 1.0 and not dist["teacher_sharded"]
-    a, b = _log(tmp_path / "single"), _log(tmp_path / "ddp")
-    assert [r["lr"] for r in b] == [r["lr"] for r in a] and a[1]["lr"] < a[0]["lr"]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "ce", "kd", "attn", "grad_norm", "tokens"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-9), (ra["step"], key)
+    assert a[1]["lr"] < a[0]["lr"]  # the schedule moves, and the same way (lr compared below)
+    assert_same_run(a, b)
     ids = torch.tensor([[2, 4, 6, 8, 10]])
-    torch.testing.assert_close(_logits(tmp_path / "ddp" / "model", ids), _logits(tmp_path / "single" / "model", ids),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(tmp_path / "launched" / "model", ids),
+                               _logits(tmp_path / "single" / "model", ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -146,23 +152,13 @@ def test_deepspeed_zero_two_processes_equal_one_process(ws, tmp_path, stage):
     single_cfg = _distill(ws, batch_size=1, grad_accum=6)  # steps of 6, 2 and 6 micro-batches, as for FSDP2
     if stage == 3:  # a partitioned head takes the checkpointed head path: the reference takes it too
         single_cfg["kd"]["fused_head"] = False
-    single = _run([sys.executable, "-m", "teacherfit", "distill", "-c", str(_write(tmp_path, "single", single_cfg))])
-    assert single.returncode == 0, single.stdout + single.stderr
-    zero = accelerate_launch(CONFIGS / f"deepspeed_zero{stage}.yaml", "distill",
-                             _write(tmp_path, "zero", _distill(ws, batch_size=1, grad_accum=3)))
-    assert zero.returncode == 0, zero.stdout + zero.stderr
-    dist = json.loads((tmp_path / "zero" / "summary.json").read_text())["distribution"]
+    a, b, dist = single_and_launched(ws, tmp_path, f"deepspeed_zero{stage}.yaml", single_cfg,
+                                     _distill(ws, batch_size=1, grad_accum=3))
     assert dist["launch"] == "deepspeed" and dist["type"] == "DEEPSPEED" and dist["processes"] == 2
     assert dist["student_share"] == (0.5 if stage == 3 else 1.0) and dist["teacher_sharded"] == (stage == 3)
-    a, b = _log(tmp_path / "single"), _log(tmp_path / "zero")
     assert [r["step"] for r in b] == [1, 2, 3]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "ce", "kd", "attn", "grad_norm", "lr", "tokens"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-9), (ra["step"], key)
-    ma = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model")
-    mb = AutoModelForCausalLM.from_pretrained(tmp_path / "zero" / "model")
-    for (name, pa), (_, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
-        assert pa.shape == pb.shape and torch.allclose(pa, pb, atol=1e-5), name
+    assert_same_run(a, b)
+    assert_same_weights(tmp_path / "single" / "model", tmp_path / "launched" / "model")
 
 
 @pytest.mark.parametrize("env,message", [
