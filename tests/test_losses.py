@@ -753,3 +753,80 @@ def test_fused_forward_kl_falls_back_on_non_finite_teacher_logits():
     assert torch.isfinite(kd) and out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-5)
     for got, want in zip(grads_of(out["loss_sum"], hidden, head), grads_of(kd + ce, hidden, head)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sampled-token reverse KL (on-policy)
+
+
+def naive_sampled_rkl(student_logits, teacher_logits, labels):
+    """Per sampled token: value log p_S(y) - log p_T(y); gradient of the REINFORCE surrogate
+    sum_t stopgrad(r_t) * log p_S(y_t), written as a Python loop over tokens."""
+    values, surrogate = [], 0.0
+    for row in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            y = int(labels[row, t])
+            if y == -100:
+                continue
+            ls = F.log_softmax(student_logits[row, t].double(), -1)[y]
+            lt = F.log_softmax(teacher_logits[row, t].double(), -1)[y]
+            r = float(ls - lt)
+            values.append(r)
+            surrogate = surrogate + r * ls
+    return values, surrogate
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("given", ["head", "sampled"])
+def test_sampled_reverse_kl_value_and_gradient_match_the_naive_policy_gradient(fused, given):
+    torch.manual_seed(3)
+    B, T, d, V = 2, 7, 6, 11
+    head = nn.Linear(d, V, bias=False)
+    t_head = nn.Linear(d, V, bias=False)
+    h = torch.randn(B, T, d, requires_grad=True)
+    t_h = torch.randn(B, T, d)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :2] = -100
+    labels[1, 5:] = -100
+    # reference on the same leaves
+    h_ref = h.detach().clone().requires_grad_(True)
+    w_ref = head.weight.detach().clone().requires_grad_(True)
+    values, surrogate = naive_sampled_rkl(h_ref @ w_ref.T, (t_h @ t_head.weight.T).detach(), labels)
+    surrogate.backward()
+    kwargs = dict(teacher_hidden=t_h, teacher_head=t_head)
+    if given == "sampled":
+        with torch.no_grad():
+            t_lp = F.log_softmax(t_head(t_h), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        kwargs = dict(teacher_sampled=t_lp)
+    out = chunked_head_losses(h, head, labels, divergence="sampled_reverse_kl", chunk_size=3, ce_weight=0.0,
+                              fused=fused, **kwargs)
+    assert out["n_tokens"] == len(values)
+    assert float(out["kd_sum"]) == pytest.approx(sum(values), rel=1e-5, abs=1e-6)
+    out["loss_sum"].backward()
+    assert torch.allclose(h.grad, h_ref.grad.float(), atol=1e-5)
+    assert torch.allclose(head.weight.grad, w_ref.grad.float(), atol=1e-5)
+
+
+def test_sampled_reverse_kl_unscored_tokens_have_no_advantage_and_it_refuses_misuse():
+    from teacherfit.distill.losses import sampled_token_terms
+
+    logits = torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    teacher = torch.tensor([-1.0, float("nan"), -2.0, float("nan")])
+    value, surrogate = sampled_token_terms(logits, teacher, y)
+    assert value[1] == 0 and value[3] == 0 and value[0] != 0
+    surrogate.sum().backward()
+    assert torch.all(logits.grad[1] == 0) and torch.all(logits.grad[3] == 0)
+    # E_y~p[r * grad log p] is the gradient of KL(p || q): check the estimator's expectation exactly over y
+    z = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(5, dtype=torch.float64).log_softmax(-1)
+    p = z.softmax(-1)
+    exact = torch.autograd.grad((p * (z.log_softmax(-1) - q)).sum(), z)[0]
+    expected = sum(p[k].detach() * torch.autograd.grad(sampled_token_terms(z[None], q[k:k + 1], torch.tensor([k]))[1].sum(),
+                                                       z)[0] for k in range(5))
+    assert torch.allclose(expected, exact, atol=1e-10)
+    head = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="temperature 1"):
+        chunked_head_losses(torch.randn(1, 2, 3), head, torch.tensor([[1, 2]]), teacher_sampled=torch.zeros(1, 2),
+                            divergence="sampled_reverse_kl", temperature=2.0)
+    with pytest.raises(ValueError, match="sampled_reverse_kl only"):
+        chunked_head_losses(torch.randn(1, 2, 3), head, torch.tensor([[1, 2]]), teacher_sampled=torch.zeros(1, 2))

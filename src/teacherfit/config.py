@@ -429,9 +429,15 @@ class KDConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="tau; the divergence is computed at tau and scaled by tau^2.")
     w_pred: float = Field(1.0, ge=0, description="Weight of the prediction-layer (logit) KD term; 0 = off.")
     w_attn: float = Field(1.0, ge=0, description="Weight of the attention KD term; 0 = off.")
-    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "tvd"] = Field(
+    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "tvd", "sampled_reverse_kl"] = Field(
         "forward_kl", description="KL(p_T || p_S) (the paper's), reverse KL, generalized JSD (TRL GKD's, "
-        "divergence_kwargs.beta), skew KL (DistiLLM's, divergence_kwargs.alpha) or total variation.")
+        "divergence_kwargs.beta), skew KL (DistiLLM's, divergence_kwargs.alpha), total variation, or "
+        "sampled_reverse_kl: the per-token log-ratio log p_S - log p_T of the student's own sampled tokens as a "
+        "policy-gradient advantage (on_policy: 1 only; the one a teacher that returns only the sampled tokens' "
+        "log-probabilities can give).")
+    on_policy: float = Field(0.0, ge=0, le=1, description="Share of each step's prompts whose responses the "
+                             "student samples itself (`rollout`), from its live weights; TRL GKD's `lmbda`. 0: the "
+                             "dataset's responses only (off-policy); 1: none of them. Not `kd.lambda` (the KD/CE mix).")
     divergence_kwargs: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} or {alpha: 0.1}.")
     layer_map: str | dict[int, int] | list[list[int]] = Field(
         "uniform", description="'uniform', 'last:N', or explicit {student_layer: teacher_layer}."
@@ -446,6 +452,17 @@ class KDConfig(Strict):
     fused_head: bool = Field(
         True, description="Compute the head's gradients chunk by chunk in forward (no recompute); off: checkpointed chunks."
     )
+
+    @model_validator(mode="after")
+    def _sampled_needs_samples(self) -> KDConfig:
+        if self.divergence == "sampled_reverse_kl":
+            if self.on_policy != 1.0:
+                raise ValueError("kd.divergence sampled_reverse_kl estimates KL(p_S || p_T) from the student's own "
+                                 "samples: set kd.on_policy=1 (dataset responses are not the student's samples)")
+            if self.temperature != 1.0:
+                raise ValueError("kd.divergence sampled_reverse_kl scores the sampled tokens at temperature 1: "
+                                 "set kd.temperature=1 (rollout.temperature sets how the student samples)")
+        return self
 
     def weights(self) -> LossWeights:
         """The loss mix, decided here once: L = (1 - lambda) CE + lambda (w_pred L_pred + w_attn L_attn)."""
@@ -528,6 +545,57 @@ class TrainOptions(Strict):
         return resolve_report_to(v)
 
 
+class RolloutOptions(Strict):
+    """On-policy rollouts (``kd.on_policy`` > 0): how the student samples its own responses during training."""
+
+    engine: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="'transformers': the training student itself, batched generate (CPU and GPU; "
+        "LoRA included); 'openai': a server that serves the student (`remote`; keeping its weights current is "
+        "yours, see the README); 'vllm': vLLM in process on a GPU, weights synced every `sync_every` steps.")
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens the student generates per response.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (1: the student's own distribution, "
+                               "which sampled_reverse_kl needs; 0: greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    buffer_steps: int = Field(1, ge=1, description="Rollouts of this many optimizer steps are generated in one batched "
+                              "call at the first of them and used in turn: fewer, larger generate calls, at a staleness "
+                              "of up to buffer_steps - 1 optimizer steps (logged as rollout_age).")
+    batch_size: int | None = Field(None, ge=1, description="Prompts per generate call (transformers); default: all of "
+                                   "a buffer's prompts in one call.")
+    sync_every: int = Field(1, ge=1, description="vllm: optimizer steps between weight syncs into the engine.")
+    remote: RemoteConfig | None = Field(None, description="engine 'openai': the server that serves the student.")
+    vllm: VLLMEngineConfig | None = Field(None, description="engine 'vllm': engine settings.")
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> RolloutOptions:
+        if self.engine == "openai" and self.remote is None:
+            raise ValueError("rollout.engine 'openai' needs rollout.remote (base_url, model) of a server that serves "
+                             "the student")
+        if self.remote is not None and self.engine != "openai":
+            raise ValueError(f"rollout.remote is for engine 'openai' (it is {self.engine!r})")
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError(f"rollout.vllm is for engine 'vllm' (it is {self.engine!r})")
+        return self
+
+    def decoding(self, seed: int) -> DecodingConfig:
+        return DecodingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=seed)
+
+
+class ServerTeacherConfig(Strict):
+    """A teacher behind an OpenAI-compatible server, scoring the student's token ids through the server's prompt
+    log-probabilities (no teacher weights in this process)."""
+
+    backend: Literal["openai"] = Field("openai", description="The server's API (OpenAI-compatible completions).")
+    remote: RemoteConfig = Field(description="The server that serves the teacher.")
+    server: Literal["vllm", "llama_cpp"] = Field(
+        "vllm", description="'vllm' (`vllm serve`: prompt_logprobs, top-k by token id: forward KL with the cache's "
+        "tail handling, or sampled_reverse_kl) or 'llama_cpp' (llama-cpp-python's server: echo + logprobs gives "
+        "the sampled tokens' log-probabilities: sampled_reverse_kl only).")
+    top_k: int = Field(20, ge=1, description="vllm: alternatives per position (forward_kl on the top-k).")
+    tokenizer: str | None = Field(None, description="The teacher's tokenizer for the check (default: the student's, "
+                                  "which the server must share: checked against its /tokenize).")
+
+
 class TrainData(Strict):
     """The training set: response sets, or a rank run's per-instruction best."""
 
@@ -549,6 +617,8 @@ class TrainingJob(Strict):
     kd: KDConfig = KDConfig()
     train: TrainOptions = TrainOptions()
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full fine-tune).")
+    rollout: RolloutOptions = Field(RolloutOptions(), description="How the student samples its own responses when "
+                                    "kd.on_policy > 0 (engine, decoding, generation buffer).")
     models: ModelOptions = ModelOptions()
     out: Path | None = Field(None, description="Run directory (default: runs/<command>-<config digest>); re-run to resume.")
 
@@ -557,7 +627,9 @@ class DistillConfig(TrainingJob):
     """`teacherfit distill`: L = (1 - lambda) CE + lambda (w_pred L_pred + w_attn L_attn)."""
 
     student_init: StudentInit | None = Field(None, description="Build the student from a subset of `student`'s layers.")
-    teacher: str | None = Field(None, description="Online teacher (frozen, eval mode).")
+    teacher: str | ServerTeacherConfig | None = Field(None, description="Online teacher (frozen, eval mode): a model, "
+                                                     "or {backend: openai, remote: ..., server: vllm|llama_cpp} for a "
+                                                     "teacher behind a server (on-policy).")
     teacher_cache: Path | None = Field(None, description="Offline top-k cache from `cache-teacher` (no teacher loaded).")
 
 
@@ -995,8 +1067,8 @@ TRL_NAMES: dict[str, str] = {
 }
 # TRL names whose meaning differs from teacherfit's field of a similar name: said explicitly.
 TRL_MEANINGS: dict[str, str] = {
-    "lmbda": "TRL's GKD `lmbda` is the share of batches the student generates itself (on-policy); teacherfit "
-             "distils off-policy, and `kd.lambda` is something else: the weight of KD against CE",
+    "lmbda": "TRL's GKD `lmbda` (the share of batches the student generates itself) is `kd.on_policy` here; "
+             "`kd.lambda` is something else: the weight of KD against CE",
     "beta": "TRL's GKD `beta` interpolates its generalized JSD: here `kd.divergence: generalized_jsd` with "
             "`kd.divergence_kwargs.beta` (rank's top-level `beta` is CAR's, a different thing)",
 }

@@ -27,6 +27,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or stop string), "length" (hit max_new_tokens)
     extra: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[int] | None = None  # in-process engines: the generated ids, the stop token included
 
 
 class Generator(Protocol):
@@ -110,6 +111,7 @@ class ChunkedGenerator:
             prompt_tokens=prompt_tokens,
             completion_tokens=len(kept) + (stop is not None),
             finish_reason=finish or ("stop" if stop is not None else "length"),
+            token_ids=tokens if stop is None else tokens[: stop + 1],
         )
 
 

@@ -336,13 +336,65 @@ def _chat_completion(
     down, a 5xx, a 429 that gives no time) a retry is spent: it waits ``Retry-After`` or the backoff, unless
     another server is up, and goes to the best server then (the one back soonest when all are down).
     """
-    pool = _as_pool(client, cfg)
-    stats = stats if stats is not None else RequestStats()
     request: dict[str, Any] = dict(
         model=cfg.model, messages=messages, temperature=temperature, top_p=top_p, seed=seed, n=n
     )
     if logprobs is not None:
         request.update(logprobs=True, top_logprobs=logprobs)
+    return _send(client, cfg, lambda server, token_param: server.client.chat.completions.create(
+        **request, **{token_param: max_tokens}), stats)
+
+
+def text_completion(client: ServerPool | OpenAI, cfg: RemoteConfig, prompt: str | list[int], *, max_tokens: int,
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, echo: bool = False,
+                    logprobs: int | None = None, extra_body: dict[str, Any] | None = None,
+                    stats: RequestStats | None = None) -> dict[str, Any]:
+    """One text completion request (``/v1/completions``: a raw prompt, already rendered with the chat template, or
+    token ids where the server takes them), retried as ``chat_completion`` is; the response as a dict.
+
+    ``echo`` + ``logprobs``: the prompt's own tokens with their log-probabilities (llama-cpp-python); vLLM's
+    ``prompt_logprobs`` goes in ``extra_body``."""
+    request: dict[str, Any] = dict(model=cfg.model, prompt=prompt, temperature=temperature, top_p=top_p, seed=seed)
+    if echo:
+        request["echo"] = True
+    if logprobs is not None:
+        request["logprobs"] = logprobs
+    if extra_body:
+        request["extra_body"] = extra_body
+    # the completions API has one token-limit field, max_tokens (max_completion_tokens is chat's)
+    return _send(client, cfg, lambda server, _param: server.client.completions.create(**request, max_tokens=max_tokens),
+                 stats)[0]
+
+
+def server_root(url: str) -> str:
+    """The server's root (its non-OpenAI endpoints live there): ``base_url`` without the ``/v1`` API prefix."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def server_tokenize(client: ServerPool | OpenAI, cfg: RemoteConfig, text: str, *, server: str,
+                    stats: RequestStats | None = None) -> list[int]:
+    """How the server tokenizes ``text`` (special tokens parsed, nothing added): llama-cpp-python's
+    ``/extras/tokenize`` or vLLM's ``/tokenize``, at the server's root; retried as every request is."""
+    if server == "llama_cpp":
+        path, body = "/extras/tokenize", {"input": text}
+    else:
+        path, body = "/tokenize", {"model": cfg.model, "prompt": text, "add_special_tokens": False}
+
+    def call(srv: Server, _param: str) -> Any:
+        return srv.client.with_options(base_url=server_root(srv.url)).post(path, body=body, cast_to=object)
+
+    response = _send(client, cfg, call, stats)[0]
+    if not isinstance(response, dict) or not isinstance(response.get("tokens"), list):
+        raise RemoteError(f"{cfg.shown_urls()}{path} did not answer with a token list: is it a {server} server?")
+    return [int(t) for t in response["tokens"]]
+
+
+def _send(client: ServerPool | OpenAI, cfg: RemoteConfig, call, stats: RequestStats | None
+          ) -> tuple[dict[str, Any], Server]:
+    """``call(server, token_param)`` sent with our retries (see ``_chat_completion``); the response and the server."""
+    pool = _as_pool(client, cfg)
+    stats = stats if stats is not None else RequestStats()
     tried: set[Server] = set()  # since the last retry spent
     attempts = retries = 0
     failed = False
@@ -354,13 +406,13 @@ def _chat_completion(
             stats.add("retries")
         attempts += 1
         try:
-            response = server.client.chat.completions.create(**request, **{token_param: max_tokens})
+            response = call(server, token_param)
         except openai.OpenAIError as err:
             pool.release(server, answered=isinstance(err, openai.APIStatusError))
             error = err
         else:
             pool.release(server, answered=True)
-            return response.model_dump(), server
+            return (response.model_dump() if hasattr(response, "model_dump") else response), server
         if pool.switch_token_param(error, token_param):
             failed = False
             continue  # the same request with max_completion_tokens: not a retry

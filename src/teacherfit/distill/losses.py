@@ -39,6 +39,7 @@ __all__ = [
     "forward_kl_topk",
     "generalized_jsd",
     "reverse_kl",
+    "sampled_token_terms",
     "skew_kl",
     "tvd",
 ]
@@ -271,6 +272,23 @@ def tvd(
     Not multiplied by ``tau^2``: TVD is a bounded distance in [0, 1] at every temperature.
     """
     return _reduce_pair(_tvd_tokens, student_logits, teacher_logits, labels, temperature, ignore_index)
+
+
+def sampled_token_terms(student_logits: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Sampled-token reverse KL of response tokens the student sampled itself: per token, the log-ratio
+    ``r = log p_S(y) - log p_T(y)`` of the sampled token ``y`` (``labels``; ``teacher_logprobs`` = log p_T(y),
+    aligned with them; NaN where the teacher gave none: r = 0 there), used as a policy-gradient advantage.
+
+    Returns ``(value, surrogate)`` per token [N]: ``value`` = r, a one-sample estimate of KL(p_S || p_T) (its mean
+    over tokens sampled from p_S is unbiased); ``surrogate`` has r's value and the gradient ``r * grad log p_S(y)``,
+    the score-function gradient of KL(p_S || p_T) (``E[grad log p_S] = 0``), as the on-policy distillation recipes
+    (Qwen3's strong-to-weak stage; per-token reverse KL as the advantage) use it. Temperature 1: the samples'.
+    """
+    logp = student_logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    teacher = teacher_logprobs.float()
+    # a token the teacher did not score (NaN: a server that spelled the text otherwise) has no advantage
+    ratio = torch.where(teacher.isnan(), torch.zeros_like(logp), logp - teacher).detach()
+    return ratio, ratio * logp - (ratio * logp).detach() + ratio
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
@@ -611,6 +629,7 @@ def chunked_head_losses(
     teacher_hidden: Tensor | None = None,
     teacher_head: nn.Module | None = None,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
+    teacher_sampled: Tensor | None = None,
     divergence: str = "forward_kl",
     divergence_kwargs: dict | None = None,
     temperature: float = 1.0,
@@ -631,7 +650,9 @@ def chunked_head_losses(
     ``teacher_hidden`` [B, T, d_t] + ``teacher_head`` (evaluated under ``no_grad``), or as
     ``teacher_topk = (ids [B, T, K], logprobs [B, T, K])`` (``forward_kl_topk``; then ``divergence``
     must be ``"forward_kl"`` and ``divergence_kwargs`` may set ``tail`` and ``tail_samples``; a cache's
-    own setting is ``TopKCache.loss_kwargs()``), or not at all (CE only).
+    own setting is ``TopKCache.loss_kwargs()``), or as ``teacher_sampled`` [B, T] = the teacher's log-probability of
+    each label token (a server that returns only the sampled tokens'; ``divergence="sampled_reverse_kl"``), or not
+    at all (CE only). ``sampled_reverse_kl`` (``sampled_token_terms``) also takes ``teacher_hidden`` + head.
 
     Returns ``{"loss_sum", "kd_sum", "ce_sum", "n_tokens"}``: sums, not means, so the training loop can
     normalise by the real token count across gradient accumulation. ``loss_sum = kd_weight * kd_sum +
@@ -660,10 +681,18 @@ def chunked_head_losses(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("teacher_hidden and teacher_head must be given together")
-    if teacher_hidden is not None and teacher_topk is not None:
+    if sum(x is not None for x in (teacher_hidden, teacher_topk, teacher_sampled)) > 1:
         raise ValueError(
-            "give the teacher either as teacher_hidden + teacher_head or as teacher_topk, not both"
+            "give the teacher either as teacher_hidden + teacher_head, teacher_topk or teacher_sampled, not several"
         )
+    sampled = divergence == "sampled_reverse_kl"
+    if teacher_sampled is not None and not sampled:
+        raise ValueError(f"teacher_sampled (the sampled tokens' log-probs) supports sampled_reverse_kl only, "
+                         f"got {divergence!r}")
+    if sampled and temperature != 1.0:
+        raise ValueError("sampled_reverse_kl scores the student's samples at temperature 1")
+    if teacher_sampled is not None and teacher_sampled.shape != labels.shape:
+        raise ValueError(f"teacher_sampled {tuple(teacher_sampled.shape)} must match labels {tuple(labels.shape)}")
     if student_hidden.dim() < 2 or labels.shape != student_hidden.shape[:-1]:
         raise ValueError(
             f"labels {tuple(labels.shape)} must have the shape of student_hidden "
@@ -680,7 +709,7 @@ def chunked_head_losses(
         if not _is_identity(teacher_post_head):
             raise ValueError("teacher_post_head does not apply to a top-k teacher (its log-probs are cached)")
         _check_topk(teacher_topk[0], teacher_topk[1], tuple(labels.shape))
-    elif divergence not in _DIVERGENCE_TOKENS:
+    elif divergence not in _DIVERGENCE_TOKENS and not sampled:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(_DIVERGENCE_TOKENS)}")
     if teacher_hidden is not None and teacher_hidden.shape[:-1] != labels.shape:
         raise ValueError(
@@ -694,14 +723,16 @@ def chunked_head_losses(
     n = idx.numel()
     h = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
     y = labels.reshape(-1).index_select(0, idx)
-    t_h = ids = lps = None
+    t_h = ids = lps = t_lp = None
+    if teacher_sampled is not None:
+        t_lp = teacher_sampled.detach().reshape(-1).index_select(0, idx)
     if teacher_hidden is not None:
         t_h = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx)
     if teacher_topk is not None:
         k = teacher_topk[0].shape[-1]
         ids = teacher_topk[0].reshape(-1, k).index_select(0, idx)
         lps = teacher_topk[1].detach().reshape(-1, k).index_select(0, idx)
-    has_teacher = t_h is not None or ids is not None
+    has_teacher = t_h is not None or ids is not None or t_lp is not None
     zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
 
     # 2) The terms of one chunk, from its student logits ``z_raw`` [c, V] (fp32, before the post-head transform).
@@ -720,8 +751,14 @@ def chunked_head_losses(
                     f"student and teacher vocabularies differ ({z.shape[-1]} vs {t_z.shape[-1]} logits): "
                     "align the vocabularies before distilling"
                 )
-            kd = _DIVERGENCE_TOKENS[divergence](z, t_z, temperature, **kwargs).sum()
+            if sampled:
+                t_y = t_z.log_softmax(-1).gather(-1, y[sl].unsqueeze(-1)).squeeze(-1)
+                kd = sampled_token_terms(z, t_y, y[sl])[1].sum()
+            else:
+                kd = _DIVERGENCE_TOKENS[divergence](z, t_z, temperature, **kwargs).sum()
             del t_z
+        elif t_lp is not None:
+            kd = sampled_token_terms(z, t_lp[sl], y[sl])[1].sum()
         elif ids is not None:
             kd = _forward_kl_topk_tokens(z, ids[sl], lps[sl], temperature, **kwargs).sum()
         if need_ce:

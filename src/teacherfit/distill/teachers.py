@@ -23,6 +23,7 @@ log-probabilities.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -42,7 +43,8 @@ class HeadSignal:
     hidden: Tensor | None = None  # [rows, T, d] final hidden states, with ``head`` (and ``post_head``)
     head: Callable[[Tensor], Tensor] | None = None
     post_head: PostHead | None = None
-    topk: tuple[Tensor, Tensor] | None = None  # ([N, k] ids, [N, k] log-probs) per loss position
+    topk: tuple[Tensor, Tensor] | None = None  # ([rows, T-1, k] ids, log-probs) per loss position
+    sampled: Tensor | None = None  # [rows, T-1] log p_T of each label token (NaN: not scored); sampled_reverse_kl
     divergence_kwargs: dict[str, float] | None = None  # how these rows are read (a cache's tail draws)
     attention: dict[int, Any] | None = None  # captured q/k per teacher layer, for attention KD
 
@@ -173,6 +175,127 @@ class CachedTeacher(SingleTeacher):
         ids, logprobs = self.cache.collate(micro.keys, micro.labels[:, 1:])
         return HeadSignal(topk=(ids.to(self.student_device), logprobs.to(self.student_device)),
                           divergence_kwargs=self.loss_kwargs or None)
+
+
+class ServerTeacher(SingleTeacher):
+    """A teacher behind an OpenAI-compatible server, scoring the student's token ids through the server's prompt
+    log-probabilities (``teacher: {backend: openai, remote, server}``); rows are sent concurrently, with the
+    remote backend's bounded concurrency and retries.
+
+    - ``server: vllm``: the ids go as the prompt (``prompt_logprobs: top_k``): the top-k by rank (``topk``, forward KL
+      with the cache's tail handling) and the label token's own log-prob (``sampled``).
+    - ``server: llama_cpp`` (llama-cpp-python's server, which takes text prompts): the rendered text with ``echo``
+      and ``logprobs``, which gives each prompt token's log-prob (``sampled`` only). That server drops the entries
+      of tokens equal to BOS and lines them up only when the sequence starts with BOS; and it tokenizes the text
+      itself, so each row's ids are checked against its ``/extras/tokenize``: a sampled sequence the tokenizer
+      would spell otherwise keeps the teacher's log-probs up to the first difference, the rest are not scored
+      (NaN: zero advantage, counted in ``stats['unscored_tokens']``).
+    """
+
+    def __init__(self, cfg, tokenizer, *, mode: str, student_device: torch.device):
+        from teacherfit.remote import make_client
+
+        cfg.remote.check_key()
+        self.cfg, self.tokenizer, self.mode, self.student_device = cfg, tokenizer, mode, student_device
+        self.client = make_client(cfg.remote)
+        self.stats = {"rows": 0, "unscored_tokens": 0}
+
+    # -------------------------------------------------------------- one sequence
+
+    def _row_vllm(self, ids: list[int]) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        from teacherfit.remote import text_completion
+
+        k = self.cfg.top_k
+        response = text_completion(self.client, self.cfg.remote, ids, max_tokens=1, temperature=0.0,
+                                   extra_body={"prompt_logprobs": k})
+        entries = response["choices"][0].get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(ids):
+            raise ValueError(f"{self.cfg.remote.shown_urls()}: no prompt_logprobs for every prompt token in the "
+                             "answer: is it a vLLM server (teacher.server: vllm)?")
+        own, top_ids, top_lps = [math.nan], [[0] * k], [[-math.inf] * k]
+        for t in range(1, len(ids)):
+            entry = {int(tok): v for tok, v in (entries[t] or {}).items()}
+            own.append(float(entry[ids[t]]["logprob"]) if ids[t] in entry else math.nan)
+            best = sorted(entry.items(), key=lambda kv: kv[1].get("rank", 0) or 0)[:k]
+            best += [(0, {"logprob": -math.inf})] * (k - len(best))
+            top_ids.append([tok for tok, _ in best])
+            top_lps.append([float(v["logprob"]) for _, v in best])
+        return own, top_ids, top_lps
+
+    def _row_llama_cpp(self, ids: list[int]) -> list[float]:
+        from teacherfit.remote import server_tokenize, text_completion
+
+        bos = self.tokenizer.bos_token_id
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        theirs = server_tokenize(self.client, self.cfg.remote, text, server="llama_cpp")
+        response = text_completion(self.client, self.cfg.remote, text, max_tokens=1, temperature=0.0, echo=True,
+                                   logprobs=1)
+        values = iter((response["choices"][0].get("logprobs") or {}).get("token_logprobs") or [])
+        same = next((t for t, (a, b) in enumerate(zip(ids, theirs)) if a != b), min(len(ids), len(theirs)))
+        own = [math.nan] * len(ids)
+        # entries: one per server token after the first, tokens equal to BOS left out; the first is None
+        for t in range(1, len(theirs)):
+            if theirs[t] == bos:
+                continue
+            value = next(values, None)
+            if t < same and value is not None:
+                own[t] = float(value)
+        return own
+
+    # -------------------------------------------------------------- the signal
+
+    def head_signal(self, micro: Micro) -> HeadSignal:
+        from concurrent.futures import ThreadPoolExecutor
+
+        rows = micro.input_ids.shape[0]
+        width = micro.input_ids.shape[1]
+        real = [micro.input_ids[b][micro.attention_mask[b].bool()].tolist() for b in range(rows)]
+        scorer = self._row_vllm if self.cfg.server == "vllm" else self._row_llama_cpp
+        workers = max(1, min(rows, self.cfg.remote.concurrency * len(self.cfg.remote.urls)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            answers = list(pool.map(scorer, real))
+        sampled = torch.full((rows, width - 1), math.nan)
+        k = self.cfg.top_k
+        ids = torch.zeros((rows, width - 1, k), dtype=torch.long) if self.mode == "topk" else None
+        lps = torch.full((rows, width - 1, k), -math.inf) if self.mode == "topk" else None
+        loss = micro.labels[:, 1:] != -100
+        for b, answer in enumerate(answers):
+            # right-padded rows: position t of the sequence is predicted at t - 1 of the shifted labels
+            own = answer[0] if isinstance(answer, tuple) else answer
+            n = len(real[b])
+            sampled[b, : n - 1] = torch.tensor(own[1:n], dtype=torch.float32)
+            if ids is not None:
+                ids[b, : n - 1] = torch.tensor(answer[1][1:n])
+                lps[b, : n - 1] = torch.tensor(answer[2][1:n], dtype=torch.float32)
+        self.stats["rows"] += rows
+        self.stats["unscored_tokens"] += int((loss & sampled.isnan()).sum())
+        if self.mode == "topk":
+            return HeadSignal(topk=(ids.to(self.student_device), lps.to(self.student_device)))
+        return HeadSignal(sampled=sampled.to(self.student_device))
+
+
+def check_server_tokenizer(cfg, tokenizer, texts: list[str]) -> None:
+    """Refuse, before training, a server whose tokenizer is not the student's: it must tokenize the student's
+    rendered texts back to the student's ids (the teacher scores the student's tokens)."""
+    from teacherfit.remote import make_client, server_tokenize
+
+    cfg.remote.check_key()
+    client = make_client(cfg.remote)
+    for text in texts:
+        ours = tokenizer.encode(text, add_special_tokens=False)
+        theirs = server_tokenize(client, cfg.remote, text, server=cfg.server)
+        if cfg.server == "llama_cpp" and (not ours or ours[0] != tokenizer.bos_token_id):
+            raise ValueError(f"teacher.server llama_cpp: llama-cpp-python's echoed log-probs line up only for "
+                             f"sequences that start with BOS, and the student's rendered text does not "
+                             f"(first id {ours[:1]}): serve the teacher with vLLM (teacher.server: vllm)")
+        if theirs != ours:
+            at = next((t for t, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            mine = f"{ours[at]} {tokenizer.decode([ours[at]])!r}" if at < len(ours) else "the end"
+            other = str(theirs[at]) if at < len(theirs) else "the end"
+            raise ValueError(f"teacher: the server at {cfg.remote.shown_urls()} tokenizes the student's text "
+                             f"differently (token {at}: the student has {mine}, the server {other}): the teacher "
+                             "behind a server must share the student's tokenizer, since it scores the student's "
+                             "token ids")
 
 
 class RoutedTeacher:

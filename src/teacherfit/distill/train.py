@@ -159,6 +159,7 @@ class DistillModule(nn.Module):
             teacher_hidden=None if signal.hidden is None else signal.hidden[:, :-1],
             teacher_head=signal.head,
             teacher_topk=signal.topk,
+            teacher_sampled=signal.sampled,
             divergence=self.kd.divergence,
             divergence_kwargs={**self.kd.divergence_kwargs, **(signal.divergence_kwargs or {})} or None,
             temperature=self.kd.temperature,
@@ -344,8 +345,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, layout: dict[str, Any] | None = None) -> Path:
-    """accelerate's full state (model, optimizer, scheduler, RNG) written to a temp dir, then renamed."""
+def rollout_row(accelerator, rollout: dict[str, float]) -> dict[str, float]:
+    """A step's on-policy numbers for the log, over every process: the share of rows the student answered
+    itself, the tokens it sampled, the seconds generation took (the slowest process) and the rollouts' age in
+    optimizer steps (0: sampled from this step's weights)."""
+    summed = accelerator.reduce(torch.tensor([rollout["rollout_rows"], rollout["rows"], rollout["rollout_tokens"]],
+                                             dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    slowest = accelerator.reduce(torch.tensor([rollout["rollout_s"]], dtype=torch.float64,
+                                              device=accelerator.device), "max").item()
+    return {"on_policy": summed[0] / max(summed[1], 1), "rollout_tokens": int(summed[2]),
+            "rollout_s": round(slowest, 3), "rollout_age": int(rollout["rollout_age"])}
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, layout: dict[str, Any] | None = None, *,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """accelerate's full state (model, optimizer, scheduler, RNG) written to a temp dir, then renamed;
+    ``extra(folder)`` writes each process's own part besides (the on-policy generation buffer)."""
     root = run_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -358,6 +373,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, layout: di
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()  # every process has written its part (FSDP2: its shard) before the rename
     if accelerator.is_main_process:
         # written last: marks the checkpoint complete; the layout says which batches the steps held
@@ -431,11 +448,30 @@ def train(
 
 def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examples: list[TrainExample],
            teacher_factory, *, vocab, layer_map, rebuild_student, card, resume: bool, label: str) -> TrainResult:
+    from teacherfit.launch import is_sharded
+
     opts = cfg.train
     torch.manual_seed(opts.seed)
     schedule = Schedule(len(examples), opts, accelerator.num_processes, accelerator.process_index)
+    rollouts_on = cfg.kd.on_policy > 0
+    if rollouts_on and cfg.rollout.engine == "transformers" and is_sharded(accelerator) \
+            and accelerator.num_processes > 1:
+        raise ValueError("kd.on_policy with rollout.engine transformers samples from the whole student in each "
+                         "process, and FSDP2 / ZeRO-3 split it: launch with DDP (configs/accelerate/ddp.yaml or "
+                         "deepspeed_zero2.yaml), or sample with rollout.engine openai")
     trainer = build_trainer(cfg, accelerator, student, teacher_factory, vocab=vocab, layer_map=layer_map,
                             total_steps=schedule.total_steps)
+    on_policy = None
+    if rollouts_on:
+        from teacherfit.distill.rollouts import OnPolicy, build_engine
+
+        live = accelerator.unwrap_model(trainer.module).student
+        engine = build_engine(cfg.rollout, live, tokenizer, accelerator.device, model_path=cfg.student,
+                              trust_remote_code=cfg.models.trust_remote_code, max_length=opts.max_length,
+                              autocast=accelerator.autocast if accelerator.device.type == "cuda" else None)
+        on_policy = OnPolicy(cfg.kd.on_policy, cfg.rollout, engine, examples, step_indices=schedule.step,
+                             total_steps=schedule.total_steps, max_length=opts.max_length, seed=opts.seed,
+                             rank=accelerator.process_index)
 
     start = 0
     # what decides which examples each step holds: a resume under another layout would skip or repeat examples
@@ -450,6 +486,8 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
             raise ValueError(f"{run_dir} holds a run with another batch layout ({what}): resuming would skip or repeat "
                              "examples; launch it as before, or give a new --out")
         accelerator.load_state(str(ckpt))
+        if on_policy is not None:
+            on_policy.load(ckpt)  # the generation buffer the step was in: its rollouts, not fresh ones
         start = state["step"]
         console.print(f"resuming from {ckpt.name} (step {start} of {schedule.total_steps})")
     log_path = run_dir / LOG_FILE
@@ -472,15 +510,22 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
     try:
         with progress_bar(label, schedule.total_steps, unit="steps", completed=start) as advance:
             for step in range(start, schedule.total_steps):
-                micros = [collate([examples[i] for i in idx], pad_id) for idx in schedule.step(step)]
+                rollout: dict[str, float] = {}
+                if on_policy is None:
+                    micros = [collate([examples[i] for i in idx], pad_id) for idx in schedule.step(step)]
+                else:
+                    batches, rollout = on_policy.examples_for(step)
+                    micros = [collate(batch, pad_id) for batch in batches]
 
                 def diverged(name: str, k: int, micro: Micro, step: int = step) -> TrainingDiverged:
                     return TrainingDiverged(f"non-finite {name} loss at step {step + 1}, micro-batch {k} "
                                             f"(examples {micro.keys}); last good checkpoint: "
                                             f"{latest_checkpoint(run_dir) or 'none'}")
 
-                row = {"step": step + 1, **trainer.step(micros, on_diverged=diverged),
-                       "elapsed_s": round(time.perf_counter() - clock, 3)}
+                row = {"step": step + 1, **trainer.step(micros, on_diverged=diverged)}
+                if on_policy is not None:
+                    row.update(rollout_row(accelerator, rollout))
+                row["elapsed_s"] = round(time.perf_counter() - clock, 3)
                 if accelerator.is_main_process and (step + 1) % opts.log_every == 0:
                     _append_line(log_path, row)
                 if opts.report_to and (step + 1) % opts.log_every == 0:
@@ -489,8 +534,11 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
                 log.append(row)
                 advance(1, row["tokens"], info=f"loss {row['loss']:.4f}")
                 if (step + 1) % opts.checkpoint_every == 0 or step + 1 == schedule.total_steps:
-                    save_checkpoint(accelerator, run_dir, step + 1, opts.keep_checkpoints, layout)
+                    save_checkpoint(accelerator, run_dir, step + 1, opts.keep_checkpoints, layout,
+                                    extra=on_policy.save if on_policy is not None else None)
     finally:
+        if on_policy is not None:
+            on_policy.close()
         if capture is not None:
             capture.__exit__(None, None, None)
         if trainer.teacher is not None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from teacherfit.config import DistillConfig, prepare_run_dir
+from teacherfit.config import DistillConfig, ServerTeacherConfig, prepare_run_dir
 from teacherfit.distill.examples import training_records
 from teacherfit.launch import is_main_process
 from teacherfit.pipelines.recipe import TeacherSource, model_card_info, prepare, train_job
@@ -32,8 +32,13 @@ def teacher_source(cfg: DistillConfig) -> dict[str, TeacherSource]:
     if cfg.teacher_cache and cfg.kd.w_attn > 0 and cfg.kd.lambda_ > 0:
         raise ValueError("attention KD needs the online teacher (the cache holds next-token distributions only): "
                          "set kd.w_attn=0 or give `teacher`")
+    if isinstance(cfg.teacher, ServerTeacherConfig) and cfg.kd.w_attn > 0 and cfg.kd.lambda_ > 0:
+        raise ValueError("attention KD needs the teacher in process (a server returns log-probabilities only): "
+                         "set kd.w_attn=0 for a teacher behind a server")
     if not kd_on:
         return {}
+    if isinstance(cfg.teacher, ServerTeacherConfig):
+        return {ROUTE: TeacherSource(ROUTE, "teacher", "server", cfg.teacher)}
     if cfg.teacher:
         return {ROUTE: TeacherSource(ROUTE, "teacher", "model", cfg.teacher)}
     return {ROUTE: TeacherSource(ROUTE, "teacher", "cache", cfg.teacher_cache)}
@@ -53,7 +58,9 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True, dry_run: bool = Fals
     attention = bool(cfg.teacher and sources and cfg.kd.w_attn > 0)
     job = prepare(cfg, records, sources, attention=attention)
     plan_teacher: dict[str, Any] | None = None
-    if cfg.teacher and sources:
+    if isinstance(cfg.teacher, ServerTeacherConfig) and sources:
+        plan_teacher = {"server": cfg.teacher.server, **cfg.teacher.remote.identity()}
+    elif cfg.teacher and sources:
         from teacherfit.models import load_model_config
         from teacherfit.scoring import post_head_of
 
@@ -67,6 +74,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = True, dry_run: bool = Fals
     if dry_run:
         schedule = Schedule(len(job.examples), job.cfg.train)
         plan = {"dry_run": True, "examples": job.stats, "steps": schedule.total_steps,
+                "on_policy": cfg.kd.on_policy, "rollout": cfg.rollout.engine if cfg.kd.on_policy else None,
                 "steps_per_epoch": schedule.steps_per_epoch, "student": cfg.student,
                 "student_layers": job.student_layers, "student_post_head": job.student_post_head,
                 "teacher": plan_teacher, "vocab": job.vocab, "layer_map": layer_map, "notes": job.notes}

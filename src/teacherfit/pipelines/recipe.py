@@ -65,6 +65,7 @@ class Job:
     student_layers: int
     student_post_head: str
     route_of: dict[str, str] | None  # example key -> route (several routes); None: one route
+    tokenizer: Any = None  # the student's
     teachers_loaded: dict[str, dict] = field(default_factory=dict)  # filled as teachers are built
 
 
@@ -132,6 +133,8 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
     if cfg.teacher_device and launched_processes() > 1:
         raise ValueError(f"teacher_device={cfg.teacher_device!r} names one device, but {launched_processes()} "
                          "processes train: each puts its teachers on its own device; unset teacher_device")
+    if cfg.kd.on_policy > 0:
+        check_rollouts(cfg)
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
     s_cfg, s_text = load_text_config(cfg.student, trust_remote_code=trust)
     student_rows = s_text.vocab_size
@@ -152,8 +155,20 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
             notes += [f"{src.role}: {n}" if several else n for n in compat.notes]
             rows.append(t_text.vocab_size)
             teacher_layers = t_text.num_hidden_layers
+        elif src.kind == "server":
+            server, divergence = src.where.server, cfg.kd.divergence
+            allowed = ("sampled_reverse_kl",) if server == "llama_cpp" else ("forward_kl", "sampled_reverse_kl")
+            if divergence not in allowed:
+                gives = "the sampled tokens' log-probs only" if server == "llama_cpp" else "top-k log-probs"
+                raise ValueError(f"a {src.role} behind a {server} server gives {gives}: set kd.divergence to "
+                                 f"{' or '.join(allowed)} (it is {divergence})")
         elif src.kind == "cache":
             from teacherfit.distill.cache import TopKCache
+
+            if cfg.kd.on_policy > 0:
+                raise ValueError(f"kd.on_policy={cfg.kd.on_policy:g}: the {src.role} cache holds distributions on the "
+                                 "dataset's responses, not on the student's samples: give the model itself "
+                                 f"(`{src.role}` instead of `{src.role}_cache`), or set kd.on_policy=0")
 
             if cfg.kd.divergence != "forward_kl":
                 raise ValueError(f"the top-k cache of the {src.role} supports kd.divergence=forward_kl only")
@@ -177,6 +192,12 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
         if missing:
             raise ValueError(f"{len(missing)} training examples{f' routed to the {role}' if several else ''} are not "
                              f"in the {role} cache {cache.folder}: run `teacherfit cache-teacher` on the same data")
+    servers = [src for src in sources.values() if src.kind == "server"]
+    for src in servers:  # the server must tokenize the student's text back to the student's ids
+        from teacherfit.distill.teachers import check_server_tokenizer
+
+        check_server_tokenizer(src.where, tokenizer, [tokenizer.decode(e.tokens.input_ids, skip_special_tokens=False)
+                                                      for e in examples[:2]])
     layer_map = None
     if attention:
         from teacherfit.distill.attention import parse_layer_map
@@ -185,7 +206,22 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
     if not examples:
         raise ValueError("no training example has a response token left: check the data and train.max_length")
     return Job(cfg, examples, stats, notes, vocab, sources, caches, layer_map, student_layers,
-               str(post_head_of(s_cfg)), route_of)
+               str(post_head_of(s_cfg)), route_of, tokenizer)
+
+
+def check_rollouts(cfg: TrainingJob) -> None:
+    """What the rollout engine needs, checked before any weights: vLLM and a GPU for 'vllm', the key for 'openai'."""
+    opts = cfg.rollout
+    if opts.engine == "vllm":
+        from teacherfit.config import VLLMEngineConfig
+        from teacherfit.generation import check_vllm_engine
+
+        check_vllm_engine(opts.vllm or VLLMEngineConfig(), "rollout.vllm")
+        if not torch.cuda.is_available():
+            raise ValueError("rollout.engine vllm runs vLLM on the training GPU, and no GPU is visible here: use "
+                             "rollout.engine transformers (the default) on CPUs")
+    elif opts.engine == "openai":
+        opts.remote.check_key()
 
 
 # ---------------------------------------------------------------- the run
@@ -205,6 +241,12 @@ def _teacher(job: Job, src: TeacherSource, accelerator, student: nn.Module):
         job.teachers_loaded[src.route] = {"model": cfg.student,
                                           "kind": "the student's starting weights (LoRA adapters off)"}
         return StartingWeightsTeacher(student, vocab=job.vocab, student_device=device)
+    if src.kind == "server":
+        from teacherfit.distill.teachers import ServerTeacher
+
+        job.teachers_loaded[src.route] = {"server": src.where.server, **src.where.remote.identity()}
+        mode = "sampled" if cfg.kd.divergence == "sampled_reverse_kl" else "topk"
+        return ServerTeacher(src.where, job.tokenizer, mode=mode, student_device=device)
     if src.kind == "cache":
         cache = job.caches[src.route]
         job.teachers_loaded[src.route] = {"cache": str(cache.folder), **cache.meta.get("teacher", {})}
@@ -227,7 +269,8 @@ def _teacher(job: Job, src: TeacherSource, accelerator, student: nn.Module):
 def model_card_info(job: Job, title: str, tags: list[str]) -> dict[str, Any]:
     cfg = job.cfg
     return {"title": title, "tags": tags, "base_model": cfg.student,
-            "teachers": {src.role: src.where if src.kind != "self" else f"{cfg.student} (starting weights)"
+            "teachers": {src.role: (f"{cfg.student} (starting weights)" if src.kind == "self" else
+                                    src.where.remote.model if src.kind == "server" else src.where)
                          for src in job.sources.values()},
             "data": [str(r.path) for r in cfg.data.responses] + ([str(cfg.data.best_of_rank)] if cfg.data.best_of_rank else []),
             "examples": job.stats.get("examples"),

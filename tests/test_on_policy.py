@@ -1,0 +1,346 @@
+"""On-policy distillation (kd.on_policy) on tiny real models: the step against a naive reference, the share,
+the generation buffer, resume, DDP, align, and the refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoModelForCausalLM
+
+from teacherfit.config import AlignConfig, DistillConfig, load_config
+from teacherfit.data import Record, write_records
+from teacherfit.distill.examples import collate, example_key, tokenize_records, training_records
+from teacherfit.distill.train import Schedule
+from procs import killed_and_resumed
+from tiny import save_tiny, tiny_llama
+
+QA = [("Write a short poem about the sea.", "The sea is blue and wide, the sky is grey."),
+      ("List three colours.", "red, green and blue"),
+      ("What is the capital of France?", "Paris is the capital of France."),
+      ("Explain how a neural network learns.", "It computes a loss, then gradients, then updates."),
+      ("def add(a, b):", "    return a + b"),
+      ("Translate good morning into French.", "bonjour"),
+      ("Say hello.", "Hello! How can I help?"),
+      ("Name a fox.", "The quick brown fox.")]
+NEW = 6  # rollout.max_new_tokens in these tests
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("on_policy")
+    teacher = save_tiny(tiny_llama(tokenizer, seed=21, layers=4), tokenizer, root / "teacher")
+    student = save_tiny(tiny_llama(tokenizer, seed=22, layers=2), tokenizer, root / "student")
+    recs = [Record.from_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
+    data = write_records(root / "train.jsonl", recs)
+    return root, teacher, student, data
+
+
+def _cfg(ws, out, *extra):
+    root, teacher, student, data = ws
+    return load_config(DistillConfig, None, [
+        f"student={student}", f"teacher={teacher}", f"data.responses=[{{name: t, path: {data}}}]",
+        "train.batch_size=2", "train.grad_accum=2", "train.max_steps=2", "train.warmup_steps=1", "kd.w_attn=0",
+        "train.lr=1e-3", "models.device=cpu", f"out={out}", "kd.on_policy=1", f"rollout.max_new_tokens={NEW}",
+        *extra])
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- the naive reference
+
+
+def naive_greedy(model, prompt: list[int], stop: int, new: int) -> list[int]:
+    """Greedy decoding by full forward passes, one token at a time; the stop token is kept."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(new):
+            y = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(y)
+            ids.append(y)
+            if y == stop:
+                break
+    return out
+
+
+def naive_rollout_micros(cfg, tokenizer, student, step: int = 0):
+    """The step's micro-batches with every response replaced by the student's greedy continuation of the
+    prompt (the tokens before the first labelled one), labelled, prompts -100."""
+    examples, _ = tokenize_records(training_records(cfg.data), tokenizer, cfg.train.max_length)
+    micros = []
+    for idx in Schedule(len(examples), cfg.train).step(step):
+        batch = []
+        for i in idx:
+            ex = examples[i]
+            first = next(t for t, y in enumerate(ex.tokens.labels) if y != -100)
+            prompt = ex.tokens.input_ids[:first]
+            gen = naive_greedy(student, prompt, tokenizer.eos_token_id, NEW)
+            ex.tokens.input_ids, ex.tokens.labels = prompt + gen, [-100] * len(prompt) + gen
+            batch.append(ex)
+        micros.append(collate(batch, tokenizer.pad_token_id))
+    return micros
+
+
+def naive_terms(micros, student, teacher_of):
+    """Per generated token (full logits, float64): CE, forward KL(p_T || p_S), and the sampled-token log-ratio
+    log p_S(y) - log p_T(y); ``teacher_of(micro, row)`` gives the row's teacher logits."""
+    ce, fkl, ratio = [], [], []
+    for m in micros:
+        with torch.no_grad():
+            s = student(m.input_ids, attention_mask=m.attention_mask).logits.double()
+        for b in range(m.input_ids.shape[0]):
+            t = teacher_of(m, b)
+            for pos in range(m.input_ids.shape[1] - 1):
+                y = int(m.labels[b, pos + 1])
+                if y == -100:
+                    continue
+                ls, lt = F.log_softmax(s[b, pos], -1), F.log_softmax(t[pos], -1)
+                ce.append(-float(ls[y]))
+                fkl.append(float((lt.exp() * (lt - ls)).sum()))
+                ratio.append(float(ls[y] - lt[y]))
+    return ce, fkl, ratio
+
+
+def _models(ws):
+    root, teacher_dir, student_dir, _ = ws
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()
+    return load(student_dir), load(teacher_dir)
+
+
+def _teacher_logits(teacher):
+    def of(m, b):
+        with torch.no_grad():
+            return teacher(m.input_ids[b:b + 1], attention_mask=m.attention_mask[b:b + 1]).logits[0].double()
+    return of
+
+
+def test_an_on_policy_step_equals_the_naive_reference(ws, tokenizer, tmp_path):
+    """Greedy rollouts (so the reference can redo them): the student continues each prompt itself, the teacher
+    scores those tokens, and the loss is on the generated tokens only."""
+    from teacherfit.pipelines.distill import run_distill
+
+    cfg = _cfg(ws, tmp_path / "run", "kd.lambda=0.7", "rollout.temperature=0", "train.max_steps=1")
+    student, teacher = _models(ws)
+    ce, fkl, _ = naive_terms(naive_rollout_micros(cfg, tokenizer, student), student, _teacher_logits(teacher))
+    first = run_distill(cfg)["first"]
+    assert first["tokens"] == len(ce)  # generated tokens only: no dataset response token is in the loss
+    assert first["ce"] == pytest.approx(sum(ce) / len(ce), rel=1e-5)
+    assert first["kd"] == pytest.approx(sum(fkl) / len(fkl), rel=1e-5, abs=1e-7)
+    assert first["loss"] == pytest.approx(0.3 * sum(ce) / len(ce) + 0.7 * sum(fkl) / len(fkl), rel=1e-5)
+    assert first["on_policy"] == 1.0 and first["rollout_tokens"] == len(ce) and first["rollout_age"] == 0
+
+
+def test_sampled_token_reverse_kl_step_equals_the_naive_policy_gradient(ws, tokenizer, tmp_path):
+    """kd.divergence sampled_reverse_kl: the logged kd is the mean log-ratio of the sampled tokens, and the
+    gradient (its norm, before clipping) that of mean_t stopgrad(r_t) log p_S(y_t)."""
+    from teacherfit.pipelines.distill import run_distill
+
+    cfg = _cfg(ws, tmp_path / "run", "kd.divergence=sampled_reverse_kl", "rollout.temperature=0",
+               "train.max_steps=1", "train.max_grad_norm=1e9")
+    student, teacher = _models(ws)
+    micros = naive_rollout_micros(cfg, tokenizer, student)
+    _, _, ratio = naive_terms(micros, student, _teacher_logits(teacher))
+    # the gradient of the surrogate by autograd on a fresh copy, tokens as above
+    student.zero_grad()
+    surrogate, i = 0.0, 0
+    for m in micros:
+        s = student(m.input_ids, attention_mask=m.attention_mask).logits.double()
+        for b in range(m.input_ids.shape[0]):
+            for pos in range(m.input_ids.shape[1] - 1):
+                y = int(m.labels[b, pos + 1])
+                if y != -100:
+                    surrogate = surrogate + ratio[i] * F.log_softmax(s[b, pos], -1)[y]
+                    i += 1
+    (surrogate / len(ratio)).backward()
+    norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in student.parameters() if p.grad is not None)))
+    first = run_distill(cfg)["first"]
+    assert first["kd"] == pytest.approx(sum(ratio) / len(ratio), rel=1e-5, abs=1e-6)
+    assert first["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+# ---------------------------------------------------------------- the share, the buffer, off-policy unchanged
+
+
+def test_on_policy_zero_is_the_off_policy_run_and_one_uses_no_dataset_response(ws, tokenizer, tmp_path):
+    from teacherfit.distill.rollouts import OnPolicy, TransformersRollouts, response_start
+    from teacherfit.pipelines.distill import run_distill
+
+    plain = run_distill(_cfg(ws, tmp_path / "plain", "kd.on_policy=0", "rollout.max_new_tokens=128"))
+    zero = run_distill(_cfg(ws, tmp_path / "zero", "kd.on_policy=0", "rollout.buffer_steps=3",
+                            "rollout.temperature=0.7"))
+    a, b = _log(tmp_path / "plain"), _log(tmp_path / "zero")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+    assert strip(a) == strip(b) and "on_policy" not in a[0]  # the same numbers, bit for bit
+    assert plain["first"]["tokens"] == zero["first"]["tokens"]
+
+    cfg = _cfg(ws, tmp_path / "x")
+    examples, _ = tokenize_records(training_records(cfg.data), tokenizer, cfg.train.max_length)
+    student, _ = _models(ws)
+    schedule = Schedule(len(examples), cfg.train)
+    engine = TransformersRollouts(student, tokenizer, torch.device("cpu"), batch_size=None)
+    for share in (1.0, 0.5):
+        on = OnPolicy(share, cfg.rollout, engine, examples, step_indices=schedule.step, total_steps=40,
+                      max_length=cfg.train.max_length, seed=0, rank=0)
+        counts = []
+        for step in range(40 if share < 1 else 3):
+            batches, info = on.examples_for(step)
+            rows = [e for batch in batches for e in batch]
+            changed = 0
+            for e in rows:
+                original = next(x for x in examples if x.key == e.key)
+                start = response_start(original.tokens.labels)
+                assert e.tokens.input_ids[:start] == original.tokens.input_ids[:start]  # the dataset prompt
+                if e.tokens.labels != original.tokens.labels:
+                    changed += 1
+                    assert e.tokens.labels[start:] == e.tokens.input_ids[start:]  # every sampled token labelled
+                    assert 1 <= len(e.tokens.input_ids) - start <= NEW
+            assert changed == info["rollout_rows"]
+            counts.append(changed / len(rows))
+        if share == 1.0:
+            assert counts == [1.0, 1.0, 1.0]  # no dataset response left
+        else:
+            assert all(c in (0.5,) or abs(c - 0.5) <= 0.25 for c in counts)
+            assert sum(counts) / len(counts) == pytest.approx(0.5, abs=0.08)  # stochastic rounding: exact share
+
+
+def test_the_generation_buffer_is_generated_once_per_window_and_its_age_logged(ws, tmp_path):
+    from teacherfit.pipelines.distill import run_distill
+
+    run_distill(_cfg(ws, tmp_path / "buf", "rollout.buffer_steps=3", "train.max_steps=5", "train.grad_accum=1"))
+    rows = _log(tmp_path / "buf")
+    assert [r["rollout_age"] for r in rows] == [0, 1, 2, 0, 1]
+    assert [r["rollout_s"] > 0 for r in rows] == [True, False, False, True, False]
+    assert all(r["on_policy"] == 1.0 and r["rollout_tokens"] == r["tokens"] for r in rows)
+
+
+def test_a_killed_on_policy_run_resumes_with_the_same_loss_curve(ws, tmp_path):
+    """Sampled rollouts (temperature 1), a buffer of 4 steps, killed after the checkpoint of step 6 (inside the
+    second buffer): the resumed run trains on the very samples of the uninterrupted one."""
+    root, teacher, student, data = ws
+
+    def write(out):
+        cfg = {"student": str(student), "teacher": str(teacher),
+               "data": {"responses": [{"name": "t", "path": str(data)}]},
+               "kd": {"lambda": 0.8, "w_attn": 0.0, "on_policy": 0.75}, "models": {"device": "cpu"},
+               "rollout": {"max_new_tokens": NEW, "buffer_steps": 4, "temperature": 1.0},
+               "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 10, "warmup_steps": 2, "lr": 1e-3,
+                         "checkpoint_every": 3, "keep_checkpoints": 2},
+               "out": str(out)}
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    a, b = killed_and_resumed("distill", (write(ref), ref), (write(killed), killed))
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "tokens", "on_policy", "rollout_tokens", "rollout_age"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+    assert (killed / "checkpoints" / "step-0000009" / "rollouts-rank0.json").exists()
+
+
+def test_two_process_ddp_generates_each_processs_share_like_one_process(ws, tmp_path):
+    """torchrun, 2 CPU processes, each generating its own rows (greedy): the same losses as one process with the
+    same global batch; had one process kept dataset responses, tokens and losses would differ."""
+    root, teacher, student, data = ws
+
+    def write(name, grad_accum):
+        cfg = {"student": str(student), "teacher": str(teacher),
+               "data": {"responses": [{"name": "t", "path": str(data)}]}, "models": {"device": "cpu"},
+               "kd": {"lambda": 0.6, "w_attn": 0.0, "on_policy": 1.0},
+               "rollout": {"max_new_tokens": NEW, "temperature": 0.0},
+               "train": {"batch_size": 2, "grad_accum": grad_accum, "max_steps": 2, "warmup_steps": 1, "lr": 1e-3},
+               "out": str(tmp_path / name)}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    single = subprocess.run([sys.executable, "-m", "teacherfit", "distill", "-c", str(write("single", 2))],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29563", "-m", "teacherfit", "distill", "-c", str(write("ddp", 1))],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    a, b = _log(tmp_path / "single"), _log(tmp_path / "ddp")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "grad_norm", "tokens", "rollout_tokens", "on_policy"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["distribution"]["processes"] == 2
+
+
+# ---------------------------------------------------------------- align
+
+
+def test_on_policy_align_routes_the_students_samples_to_expert_or_reference(tokenizer, tmp_path):
+    from teacherfit.pipelines.align import run_align
+
+    root = tmp_path / "ws"
+    expert = save_tiny(tiny_llama(tokenizer, seed=31, layers=3), tokenizer, root / "expert")
+    reference = save_tiny(tiny_llama(tokenizer, seed=32, layers=1), tokenizer, root / "reference")
+    student_dir = save_tiny(tiny_llama(tokenizer, seed=33, layers=2), tokenizer, root / "student")
+    rows = [(q, a, i % 2 == 0) for i, (q, a) in enumerate(QA)]
+    recs = [Record.from_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                 meta={"domain": d}) for q, a, d in rows]
+    data = write_records(root / "train.jsonl", recs)
+    cfg = load_config(AlignConfig, None, [
+        f"student={student_dir}", f"expert={expert}", f"reference={reference}",
+        f"data.responses=[{{name: t, path: {data}}}]", "train.batch_size=2", "train.grad_accum=2",
+        "train.max_steps=1", "train.warmup_steps=1", "train.lr=1e-3", "models.device=cpu", f"out={tmp_path / 'run'}",
+        "kd.lambda=0.7", "kd.on_policy=1", "rollout.temperature=0", f"rollout.max_new_tokens={NEW}"])
+    routes = {example_key(r): "domain" if d else "general" for r, (_, _, d) in zip(recs, rows)}
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()
+    student, teachers = load(student_dir), {"domain": load(expert), "general": load(reference)}
+
+    def teacher_of(m, b):
+        with torch.no_grad():
+            return teachers[routes[m.keys[b]]](m.input_ids[b:b + 1], attention_mask=m.attention_mask[b:b + 1]
+                                               ).logits[0].double()
+
+    micros = naive_rollout_micros(cfg, tokenizer, student)
+    ce, fkl, _ = naive_terms(micros, student, teacher_of)
+    summary = run_align(cfg)
+    first = summary["first"]
+    assert first["on_policy"] == 1.0 and first["tokens"] == len(ce)
+    assert first["kd"] == pytest.approx(sum(fkl) / len(fkl), rel=1e-5, abs=1e-7)
+    assert first["loss"] == pytest.approx(0.3 * sum(ce) / len(ce) + 0.7 * sum(fkl) / len(fkl), rel=1e-5)
+    assert first["kd_domain"] > 0 and first["kd_general"] > 0
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_on_policy_refusals_are_one_line_before_any_weights(ws, tmp_path):
+    from typer.testing import CliRunner
+
+    from teacherfit.cli import app
+
+    root, teacher, student, data = ws
+    base = [f"student={student}", f"teacher={teacher}", f"data.responses=[{{name: t, path: {data}}}]",
+            "models.device=cpu", "kd.w_attn=0", f"out={tmp_path / 'r'}"]
+    runner = CliRunner()
+
+    def refused(*extra):
+        result = runner.invoke(app, ["distill", *sum((["--set", s] for s in [*base, *extra]), [])])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "r" / "model").exists()
+        return " ".join(result.output.split())
+
+    assert "needs vLLM" in refused("kd.on_policy=1", "rollout.engine=vllm")
+    assert "needs rollout.remote" in refused("kd.on_policy=1", "rollout.engine=openai")
+    assert "set kd.on_policy=1" in refused("kd.divergence=sampled_reverse_kl", "kd.on_policy=0.5")
+    assert "lmbda" in refused("kd.lmbda=1") and "kd.on_policy" in refused("kd.lmbda=1")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    text = refused("teacher=null", f"teacher_cache={cache}", "kd.on_policy=0.5")
+    assert "cache" in text
