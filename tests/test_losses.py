@@ -769,7 +769,7 @@ def naive_sampled_rkl(student_logits, teacher_logits, labels):
                 continue
             ls = F.log_softmax(student_logits[row, t].double(), -1)[y]
             lt = F.log_softmax(teacher_logits[row, t].double(), -1)[y]
-            r = float(ls - lt)
+            r = float((ls - lt).detach())
             values.append(r)
             surrogate = surrogate + r * ls
     return values, surrogate

@@ -345,6 +345,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def teacher_unscored(teacher) -> int | None:
+    """How many loss tokens a teacher behind a server could not score so far (None: not such a teacher)."""
+    stats = getattr(teacher, "stats", None)
+    return stats.get("unscored_tokens") if isinstance(stats, dict) else None
+
+
 def rollout_row(accelerator, rollout: dict[str, float]) -> dict[str, float]:
     """A step's on-policy numbers for the log, over every process: the share of rows the student answered
     itself, the tokens it sampled, the seconds generation took (the slowest process) and the rollouts' age in
@@ -522,9 +528,13 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
                                             f"(examples {micro.keys}); last good checkpoint: "
                                             f"{latest_checkpoint(run_dir) or 'none'}")
 
+                unscored = teacher_unscored(trainer.teacher)
                 row = {"step": step + 1, **trainer.step(micros, on_diverged=diverged)}
                 if on_policy is not None:
                     row.update(rollout_row(accelerator, rollout))
+                if unscored is not None:  # a server teacher: tokens it could not score (no advantage there)
+                    row["unscored_tokens"] = int(accelerator.reduce(torch.tensor(
+                        teacher_unscored(trainer.teacher) - unscored, device=accelerator.device), "sum"))
                 row["elapsed_s"] = round(time.perf_counter() - clock, 3)
                 if accelerator.is_main_process and (step + 1) % opts.log_every == 0:
                     _append_line(log_path, row)
