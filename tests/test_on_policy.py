@@ -344,3 +344,84 @@ def test_on_policy_refusals_are_one_line_before_any_weights(ws, tmp_path):
     cache.mkdir()
     text = refused("teacher=null", f"teacher_cache={cache}", "kd.on_policy=0.5")
     assert "cache" in text
+
+
+# ---------------------------------------------------------------- a teacher behind a vLLM-protocol server
+
+
+def _vllm_protocol_server(model, tokenizer):
+    """A loopback HTTP server that answers as `vllm serve` does (the documented /v1/completions
+    ``prompt_logprobs`` and /tokenize shapes), computing from a real tiny model in transformers: vLLM itself
+    needs a CUDA machine."""
+    from http.server import BaseHTTPRequestHandler
+
+    from servers import serve_loopback
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, body):
+            payload = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                return self._reply({"tokens": tokenizer.encode(body["prompt"], add_special_tokens=False),
+                                    "count": 0, "max_model_len": 256})
+            ids, k = body["prompt"], body["prompt_logprobs"]
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+            entries = [None]
+            for t in range(1, len(ids)):
+                row = logp[t - 1]
+                order = row.argsort(descending=True)
+                rank = {int(tok): r + 1 for r, tok in enumerate(order.tolist())}
+                keep = order[:k].tolist() + ([ids[t]] if ids[t] not in order[:k].tolist() else [])
+                entries.append({str(tok): {"logprob": float(row[tok]), "rank": rank[tok], "decoded_token": ""}
+                                for tok in keep})
+            self._reply({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "teacher",
+                         "choices": [{"index": 0, "text": "x", "finish_reason": "length", "logprobs": None,
+                                      "prompt_logprobs": entries}],
+                         "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}})
+
+    return serve_loopback(Handler)
+
+
+def test_a_vllm_server_teacher_gives_top_k_and_sampled_log_probs(ws, tokenizer, tmp_path):
+    """Top-k by rank and the label token's own log-prob from vLLM's prompt_logprobs; with top_k = the whole
+    vocabulary, an on-policy forward-KL step through the server equals the naive full-vocabulary reference."""
+    from teacherfit.config import ServerTeacherConfig
+    from teacherfit.distill.teachers import ServerTeacher
+    from teacherfit.pipelines.distill import run_distill
+
+    student, teacher = _models(ws)
+    V = teacher.config.vocab_size
+    with _vllm_protocol_server(teacher, tokenizer) as (url, _):
+        cfg = ServerTeacherConfig(remote={"base_url": url, "model": "teacher"}, server="vllm", top_k=5)
+        examples, _ = tokenize_records(training_records(_cfg(ws, tmp_path / "x").data), tokenizer, 256)
+        micro = collate(examples[:3], tokenizer.pad_token_id)
+        topk = ServerTeacher(cfg, tokenizer, mode="topk", student_device=torch.device("cpu")).head_signal(micro).topk
+        sampled = ServerTeacher(cfg, tokenizer, mode="sampled",
+                                student_device=torch.device("cpu")).head_signal(micro).sampled
+        with torch.no_grad():
+            logp = teacher(micro.input_ids, attention_mask=micro.attention_mask).logits.log_softmax(-1)[:, :-1]
+        loss = micro.labels[:, 1:] != -100
+        best = logp.topk(5, dim=-1)
+        assert torch.equal(topk[0][loss], best.indices[loss])
+        assert torch.allclose(topk[1][loss], best.values[loss], atol=1e-5)
+        own = logp.gather(-1, micro.input_ids[:, 1:, None]).squeeze(-1)
+        assert torch.allclose(sampled[loss], own[loss], atol=1e-5)
+
+        server = f"teacher={{backend: openai, server: vllm, top_k: {V}, remote: {{base_url: '{url}', model: teacher}}}}"
+        run_cfg = _cfg(ws, tmp_path / "run", server, "kd.lambda=0.7", "rollout.temperature=0", "train.max_steps=1")
+        ce, fkl, _ = naive_terms(naive_rollout_micros(run_cfg, tokenizer, student), student, _teacher_logits(teacher))
+        first = run_distill(run_cfg)["first"]
+    assert first["tokens"] == len(ce) and first["unscored_tokens"] == 0
+    assert first["kd"] == pytest.approx(sum(fkl) / len(fkl), rel=1e-4, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.3 * sum(ce) / len(ce) + 0.7 * sum(fkl) / len(fkl), rel=1e-4)
