@@ -425,3 +425,23 @@ def test_a_vllm_server_teacher_gives_top_k_and_sampled_log_probs(ws, tokenizer, 
     assert first["tokens"] == len(ce) and first["unscored_tokens"] == 0
     assert first["kd"] == pytest.approx(sum(fkl) / len(fkl), rel=1e-4, abs=1e-6)
     assert first["loss"] == pytest.approx(0.3 * sum(ce) / len(ce) + 0.7 * sum(fkl) / len(fkl), rel=1e-4)
+
+
+def test_rollouts_sample_the_students_whole_distribution(ws, tokenizer):
+    """No top-k cut (transformers' default 50) or other generation-config default: at temperature 1 the tiny
+    student (vocabulary 320, nearly flat) samples tokens ranked past 50, each with the frequency it gives it."""
+    from teacherfit.config import DecodingConfig
+    from teacherfit.distill.rollouts import TransformersRollouts
+
+    student, _ = _models(ws)
+    student.generation_config.top_k = 5  # a shipped default that must not apply
+    from teacherfit.data import tokenize_prompt
+
+    prompt = tokenize_prompt(tokenizer, [{"role": "user", "content": "Say hello."}])
+    engine = TransformersRollouts(student, tokenizer, torch.device("cpu"), batch_size=None)
+    out = engine.generate([list(prompt)] * 16, DecodingConfig(max_new_tokens=1, temperature=1.0, seed=3))
+    with torch.no_grad():
+        row = student(torch.tensor([list(prompt)])).logits[0, -1]
+    ranks = [int((row > row[ids[0]]).sum()) + 1 for ids in out]
+    assert max(ranks) > 50, ranks
+    assert student.generation_config.top_k == 5  # restored

@@ -145,7 +145,9 @@ class TransformersGenerator(ChunkedGenerator):
         ids, mask = pad_batch(prompts, pad_id, left=True)
         width = ids.shape[1]
         torch.manual_seed(decoding.seed)
-        sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
+        # top_k=0: nucleus sampling only, as DecodingConfig says and vLLM / servers do (transformers would add the
+        # default top_k=50 of a model whose generation config sets none)
+        sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
         with torch.inference_mode():
             out = self.loaded.model.generate(
                 input_ids=ids.to(self.loaded.device),

@@ -112,6 +112,13 @@ class TransformersRollouts:
         self.student.eval()
         if config is not None:
             config.use_cache = True
+        # the student's own distribution: no repetition penalty, top-k or other default of its generation config
+        from transformers import GenerationConfig
+
+        model = self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
+        shipped = getattr(model, "generation_config", None)
+        model.generation_config = GenerationConfig(eos_token_id=self.runner.stop_ids,
+                                                   pad_token_id=getattr(shipped, "pad_token_id", None))
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), (self.autocast or contextlib.nullcontext)():
@@ -121,6 +128,7 @@ class TransformersRollouts:
                     for i, done in zip(chunk, self.runner._generate_chunk([prompts[i] for i in chunk], batch)):
                         out[i] = list(done[0].token_ids or [])
         finally:
+            model.generation_config = shipped
             if config is not None:
                 config.use_cache = use_cache
             self.student.train(was_training)

@@ -483,6 +483,8 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
     # what decides which examples each step holds: a resume under another layout would skip or repeat examples
     layout = {"processes": accelerator.num_processes, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
               "examples": len(examples), "seed": opts.seed}
+    if on_policy is not None:  # which rows are sampled, and which buffer a checkpoint's rollouts belong to
+        layout.update(on_policy=cfg.kd.on_policy, buffer_steps=cfg.rollout.buffer_steps)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
