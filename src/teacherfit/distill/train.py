@@ -522,7 +522,13 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
                 if on_policy is None:
                     micros = [collate([examples[i] for i in idx], pad_id) for idx in schedule.step(step)]
                 else:
-                    batches, rollout = on_policy.examples_for(step)
+                    if capture is not None:  # sampling is not a training forward: no attention maps kept
+                        capture.__exit__(None, None, None)
+                    try:
+                        batches, rollout = on_policy.examples_for(step)
+                    finally:
+                        if capture is not None:
+                            capture.__enter__()
                     micros = [collate(batch, pad_id) for batch in batches]
 
                 def diverged(name: str, k: int, micro: Micro, step: int = step) -> TrainingDiverged:
