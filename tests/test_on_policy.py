@@ -218,6 +218,8 @@ def test_the_generation_buffer_is_generated_once_per_window_and_its_age_logged(w
     assert [r["rollout_age"] for r in rows] == [0, 1, 2, 0, 1]
     assert [r["rollout_s"] > 0 for r in rows] == [True, False, False, True, False]
     assert all(r["on_policy"] == 1.0 and r["rollout_tokens"] == r["tokens"] for r in rows)
+    report = (tmp_path / "buf" / "report.html").read_text()
+    assert f"On-policy: 100% of rows sampled by the student, {sum(r['tokens'] for r in rows)} tokens" in report
 
 
 def test_a_killed_on_policy_run_resumes_with_the_same_loss_curve(ws, tmp_path):

@@ -115,9 +115,28 @@ def distill_report(summary: dict[str, Any], log: list[dict]) -> R.Report:
                       alt="loss curves")
         rep.add_image(R.plot_lines({"lr": (steps, [r["lr"] for r in log])}, title="Learning rate",
                                    xlabel="optimizer step", ylabel="lr"), alt="learning rate")
-        rep.add_table(log[-10:], ["step", "loss", "ce", "kd", "attn", "lr", "grad_norm", "tokens"],
+        rollouts = [r for r in log if "on_policy" in r]
+        if rollouts:
+            rep.add_note(on_policy_advice(rollouts))
+        rep.add_table(log[-10:], ["step", "loss", "ce", "kd", "attn", "lr", "grad_norm", "tokens"]
+                      + (["on_policy", "rollout_tokens", "rollout_s", "rollout_age"] if rollouts else [])
+                      + (["unscored_tokens"] if any("unscored_tokens" in r for r in log) else []),
                       caption="Last logged steps")
     return rep
+
+
+def on_policy_advice(rows: list[dict]) -> str:
+    """What the student's sampling cost, and what to change when it dominates the run."""
+    generate = sum(r["rollout_s"] for r in rows)
+    share = generate / max(rows[-1]["elapsed_s"], 1e-9)  # elapsed_s: this session's time (a resume restarts it)
+    tokens = sum(r["rollout_tokens"] for r in rows)  # each step's rows were sampled once
+    mean_share = sum(r["on_policy"] for r in rows) / len(rows)
+    text = (f"On-policy: {mean_share:.0%} of rows sampled by the student, {tokens} tokens generated in {generate:.1f} s "
+            f"({share:.0%} of the run's time), rollouts at most {max(r['rollout_age'] for r in rows)} steps old.")
+    if share > 0.5:
+        text += (" Sampling dominates: raise rollout.buffer_steps (fewer, larger generate calls), lower "
+                 "rollout.max_new_tokens, or sample with vLLM (rollout.engine vllm on a GPU, or openai with a server).")
+    return text
 
 
 def _interval(value: float, low: float, high: float) -> str:
