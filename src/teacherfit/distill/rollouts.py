@@ -92,6 +92,9 @@ class TransformersRollouts:
     the RNG forked so that training's dropout and data RNG are untouched."""
 
     name = "transformers"
+    # generation settings on top of the plain config sampling uses (a benchmark forcing exact lengths sets
+    # {"min_new_tokens": N}); the student's own generation_config is never read
+    generation_defaults: dict[str, Any] = {}
 
     def __init__(self, student: nn.Module, tokenizer, device: torch.device, *, batch_size: int | None, autocast=None):
         from teacherfit.generation import TransformersGenerator
@@ -118,7 +121,8 @@ class TransformersRollouts:
         model = self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
         shipped = getattr(model, "generation_config", None)
         model.generation_config = GenerationConfig(eos_token_id=self.runner.stop_ids,
-                                                   pad_token_id=getattr(shipped, "pad_token_id", None))
+                                                   pad_token_id=getattr(shipped, "pad_token_id", None),
+                                                   **self.generation_defaults)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), (self.autocast or contextlib.nullcontext)():
