@@ -121,12 +121,15 @@ def _teacher_logits(teacher):
     return of
 
 
-def test_an_on_policy_step_equals_the_naive_reference(ws, tokenizer, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_on_policy_step_equals_the_naive_reference(ws, tokenizer, tmp_path, lora):
     """Greedy rollouts (so the reference can redo them): the student continues each prompt itself, the teacher
-    scores those tokens, and the loss is on the generated tokens only."""
+    scores those tokens, and the loss is on the generated tokens only. With LoRA the student samples through
+    peft's wrapper (its adapters start at zero: the same model at the first step)."""
     from teacherfit.pipelines.distill import run_distill
 
-    cfg = _cfg(ws, tmp_path / "run", "kd.lambda=0.7", "rollout.temperature=0", "train.max_steps=1")
+    cfg = _cfg(ws, tmp_path / "run", "kd.lambda=0.7", "rollout.temperature=0", "train.max_steps=1",
+               *(["lora={r: 4, alpha: 8}"] if lora else []))
     student, teacher = _models(ws)
     ce, fkl, _ = naive_terms(naive_rollout_micros(cfg, tokenizer, student), student, _teacher_logits(teacher))
     first = run_distill(cfg)["first"]
