@@ -269,7 +269,8 @@ def test_a_resume_under_another_batch_layout_is_refused(ws, tmp_path):
     out = tmp_path / "layout"
     run_distill(_cfg(ws, out, "train.max_steps=2", "train.checkpoint_every=1"))
     state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
-    assert state == {"step": 2, "processes": 1, "batch_size": 2, "grad_accum": 2, "examples": len(QA), "seed": 0}
+    assert state == {"step": 2, "processes": 1, "batch_size": 2, "grad_accum": 2, "examples": len(QA), "seed": 0,
+                     "on_policy": 0.0, "buffer_steps": None}
     with pytest.raises(ValueError, match="another batch layout \\(batch_size 2 -> 1\\)"):
         run_distill(_cfg(ws, out, "train.max_steps=4", "train.batch_size=1"))
 

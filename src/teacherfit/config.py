@@ -576,6 +576,11 @@ class RolloutOptions(Strict):
             raise ValueError(f"rollout.vllm is for engine 'vllm' (it is {self.engine!r})")
         return self
 
+    def vllm_engine(self, max_length: int) -> VLLMEngineConfig:
+        """engine 'vllm': the settings given, or the rollout default (a third of the training GPU, the training
+        context)."""
+        return self.vllm or VLLMEngineConfig(gpu_memory_utilization=0.3, max_model_len=max_length)
+
     def decoding(self, seed: int) -> DecodingConfig:
         return DecodingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                               seed=seed)
@@ -592,8 +597,6 @@ class ServerTeacherConfig(Strict):
         "tail handling, or sampled_reverse_kl) or 'llama_cpp' (llama-cpp-python's server: echo + logprobs gives "
         "the sampled tokens' log-probabilities: sampled_reverse_kl only).")
     top_k: int = Field(20, ge=1, description="vllm: alternatives per position (forward_kl on the top-k).")
-    tokenizer: str | None = Field(None, description="The teacher's tokenizer for the check (default: the student's, "
-                                  "which the server must share: checked against its /tokenize).")
 
 
 class TrainData(Strict):

@@ -120,6 +120,7 @@ class TransformersGenerator(ChunkedGenerator):
     prompts (decoder-only models continue from the last real token), stopped on EOS / end-of-turn tokens."""
 
     backend = "transformers"
+    grad_mode = None  # the context generation runs in (default: torch.inference_mode)
 
     def __init__(self, loaded, *, batch_size: int = 16, max_prompt_tokens: int | None = None):
         super().__init__(loaded.tokenizer, max_prompt_tokens=max_prompt_tokens, model=loaded.model)
@@ -148,7 +149,7 @@ class TransformersGenerator(ChunkedGenerator):
         # top_k=0: nucleus sampling only, as DecodingConfig says and vLLM / servers do (transformers would add the
         # default top_k=50 of a model whose generation config sets none)
         sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
-        with torch.inference_mode():
+        with (self.grad_mode or torch.inference_mode)():
             out = self.loaded.model.generate(
                 input_ids=ids.to(self.loaded.device),
                 attention_mask=mask.to(self.loaded.device),
@@ -211,7 +212,7 @@ class VLLMGenerator(ChunkedGenerator):
         self.engine = engine
         self.chunk_size = engine.chunk_size
         # a hub id goes to vLLM as it is (with its revision); packaged and GGUF models as their converted folder
-        self.llm = LLM(model=resolved.path, tokenizer=resolved.path,
+        self.llm = LLM(model=resolved.location, tokenizer=resolved.location,
                        revision=revision if resolved.kind == "hub" else None,
                        trust_remote_code=trust_remote_code, **kwargs)
 

@@ -102,6 +102,9 @@ class TransformersRollouts:
         self.student, self.device, self.batch_size, self.autocast = student, device, batch_size, autocast
         loaded = SimpleNamespace(model=student, tokenizer=tokenizer, device=device, provenance={})
         self.runner = TransformersGenerator(loaded, batch_size=batch_size or 1)
+        # no_grad rather than inference_mode: a model that updates a buffer in forward (dynamic RoPE) must not
+        # leave an inference tensor behind for the next training backward
+        self.runner.grad_mode = torch.no_grad
 
     def generate(self, prompts: list[list[int]], decoding: DecodingConfig) -> list[list[int]]:
         import contextlib
@@ -155,9 +158,17 @@ class ServerRollouts:
     def __init__(self, remote, tokenizer):
         from teacherfit.remote import make_client
 
+        from teacherfit.generation import stop_token_ids
+
         remote.check_key()
         self.cfg, self.tokenizer = remote, tokenizer
         self.client = make_client(remote)
+        stops = stop_token_ids(tokenizer)
+        if not stops:
+            raise ValueError("rollout.engine openai: the student's tokenizer has no EOS or end-of-turn token to end "
+                             "a finished sample with")
+        # the token a finished sample ends with (the server does not return it): EOS, else the first stop token
+        self.end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stops[0]
 
     def generate(self, prompts: list[list[int]], decoding: DecodingConfig) -> list[list[int]]:
         from concurrent.futures import ThreadPoolExecutor
@@ -171,10 +182,9 @@ class ServerRollouts:
                                        seed=_seed_of(decoding.seed, i))
             choice = response["choices"][0]
             ids = self.tokenizer.encode(choice.get("text") or "", add_special_tokens=False)[: decoding.max_new_tokens]
-            if choice.get("finish_reason") == "stop" and self.tokenizer.eos_token_id is not None \
-                    and len(ids) < decoding.max_new_tokens:
-                ids.append(self.tokenizer.eos_token_id)
-            return ids or [self.tokenizer.eos_token_id]
+            if choice.get("finish_reason") == "stop" and len(ids) < decoding.max_new_tokens:
+                ids.append(self.end)
+            return ids or [self.end]
 
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency * len(self.cfg.urls)) as pool:
             return list(pool.map(one, range(len(prompts))))
@@ -200,10 +210,10 @@ class VLLMRollouts:  # pragma: no cover - GPU machines with vLLM only
                  trust_remote_code: bool, max_length: int):
         import os
 
-        from teacherfit.config import VLLMEngineConfig
         from teacherfit.generation import check_vllm_engine
+        from teacherfit.models import resolve_model
 
-        engine = opts.vllm or VLLMEngineConfig(gpu_memory_utilization=0.3, max_model_len=max_length)
+        engine = opts.vllm_engine(max_length)
         kwargs = check_vllm_engine(engine, "rollout.vllm")
         if engine.tensor_parallel_size * engine.pipeline_parallel_size != 1:
             raise ValueError("rollout.vllm: the in-process engine takes the student's weights on one GPU; set "
@@ -215,7 +225,8 @@ class VLLMRollouts:  # pragma: no cover - GPU machines with vLLM only
 
         self.student, self.opts = student, opts
         self.stop_ids = stop_token_ids(tokenizer, student)
-        self.llm = LLM(model=model_path, tokenizer=model_path, trust_remote_code=trust_remote_code, **kwargs)
+        where = resolve_model(model_path).location  # packaged and GGUF students: their converted folder
+        self.llm = LLM(model=where, tokenizer=where, trust_remote_code=trust_remote_code, **kwargs)
         self.synced = -1
 
     def _engine_model(self):
@@ -241,8 +252,10 @@ class VLLMRollouts:  # pragma: no cover - GPU machines with vLLM only
     def generate(self, prompts: list[list[int]], decoding: DecodingConfig) -> list[list[int]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=decoding.temperature, top_p=decoding.top_p,
-                                max_tokens=decoding.max_new_tokens, seed=decoding.seed, stop_token_ids=self.stop_ids)
+        # one seed per prompt: the same prompt twice in a buffer gets two samples
+        params = [SamplingParams(temperature=decoding.temperature, top_p=decoding.top_p,
+                                 max_tokens=decoding.max_new_tokens, seed=_seed_of(decoding.seed, i),
+                                 stop_token_ids=self.stop_ids) for i in range(len(prompts))]
         results = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [list(r.outputs[0].token_ids) for r in results]
 

@@ -482,12 +482,14 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
     start = 0
     # what decides which examples each step holds: a resume under another layout would skip or repeat examples
     layout = {"processes": accelerator.num_processes, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-              "examples": len(examples), "seed": opts.seed}
-    if on_policy is not None:  # which rows are sampled, and which buffer a checkpoint's rollouts belong to
-        layout.update(on_policy=cfg.kd.on_policy, buffer_steps=cfg.rollout.buffer_steps)
+              "examples": len(examples), "seed": opts.seed,
+              # which rows are sampled, and which buffer a checkpoint's rollouts belong to
+              "on_policy": cfg.kd.on_policy, "buffer_steps": cfg.rollout.buffer_steps if on_policy else None}
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
+        state.setdefault("on_policy", 0.0)  # a checkpoint from before on-policy existed
+        state.setdefault("buffer_steps", None)
         changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
         if changed:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())

@@ -68,7 +68,7 @@ def make_generator(teacher: TeacherConfig, cfg: GenerateConfig) -> Generator:
 
         resolved = resolve_model(teacher.model, revision=teacher.revision)  # packaged / GGUF: a converted folder
         revision = resolved.provenance.get("revision") if resolved.kind == "hub" else None  # the commit hashed
-        tokenizer = load_tokenizer(resolved.path, revision=revision, trust_remote_code=cfg.models.trust_remote_code)
+        tokenizer = load_tokenizer(resolved.location, revision=revision, trust_remote_code=cfg.models.trust_remote_code)
         return VLLMGenerator(resolved, tokenizer, teacher.engine, revision=revision,
                              trust_remote_code=cfg.models.trust_remote_code, max_prompt_tokens=cfg.max_prompt_tokens,
                              where=f"teacher {teacher.name!r}: vllm")

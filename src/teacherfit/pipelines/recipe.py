@@ -133,8 +133,14 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
     if cfg.teacher_device and launched_processes() > 1:
         raise ValueError(f"teacher_device={cfg.teacher_device!r} names one device, but {launched_processes()} "
                          "processes train: each puts its teachers on its own device; unset teacher_device")
+    notes: list[str] = []
     if cfg.kd.on_policy > 0:
         check_rollouts(cfg)
+        r = cfg.rollout
+        if cfg.kd.divergence == "sampled_reverse_kl" and (r.temperature != 1 or r.top_p != 1 or r.buffer_steps > 1):
+            notes.append("sampled_reverse_kl estimates KL(p_S || p_T) from samples of p_S itself: with rollout "
+                         f"temperature {r.temperature:g}, top_p {r.top_p:g}, buffer_steps {r.buffer_steps} the "
+                         "samples come from another distribution, and the estimate is biased")
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
     s_cfg, s_text = load_text_config(cfg.student, trust_remote_code=trust)
     student_rows = s_text.vocab_size
@@ -142,7 +148,6 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
     if getattr(cfg, "student_init", None) is not None:
         student_layers = len(select_layers(cfg.student_init.layers, student_layers))
     several = len(sources) > 1
-    notes: list[str] = []
     rows, caches, teacher_layers = [student_rows], {}, None
     for route, src in sources.items():
         if src.kind == "model":
@@ -162,6 +167,9 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
                 gives = "the sampled tokens' log-probs only" if server == "llama_cpp" else "top-k log-probs"
                 raise ValueError(f"a {src.role} behind a {server} server gives {gives}: set kd.divergence to "
                                  f"{' or '.join(allowed)} (it is {divergence})")
+            if cfg.kd.divergence_kwargs.get("tail_samples"):
+                raise ValueError(f"kd.divergence_kwargs.tail_samples reads a cache's tail draws; a {src.role} behind a "
+                                 "server returns a plain top-k: remove it")
         elif src.kind == "cache":
             from teacherfit.distill.cache import TopKCache
 
@@ -211,12 +219,26 @@ def prepare(cfg: TrainingJob, records: list[Record], sources: dict[str, TeacherS
 
 def check_rollouts(cfg: TrainingJob) -> None:
     """What the rollout engine needs, checked before any weights: vLLM and a GPU for 'vllm', the key for 'openai'."""
-    opts = cfg.rollout
+    from teacherfit.launch import launched_processes
+
+    opts, kd = cfg.rollout, cfg.kd
+    if kd.lambda_ < 1:
+        raise ValueError(f"kd.lambda={kd.lambda_:g} with kd.on_policy: the CE term would train the student to imitate its "
+                         "own samples (GKD and the on-policy recipes have none); set kd.lambda=1 (the dataset rows of "
+                         "kd.on_policy < 1 still carry the teacher's responses)")
+    if kd.w_pred == 0 and kd.w_attn == 0:
+        raise ValueError("kd.on_policy with no KD term (kd.w_pred = kd.w_attn = 0) learns nothing from the teacher")
     if opts.engine == "vllm":
-        from teacherfit.config import VLLMEngineConfig
         from teacherfit.generation import check_vllm_engine
 
-        check_vllm_engine(opts.vllm or VLLMEngineConfig(), "rollout.vllm")
+        if getattr(cfg, "student_init", None) is not None:
+            raise ValueError("rollout.engine vllm loads the student's checkpoint into vLLM, and student_init builds "
+                             "another model from it: save that student first, or use rollout.engine transformers")
+        if launched_processes() > 1:
+            raise ValueError(f"rollout.engine vllm runs one engine in one process, and {launched_processes()} train: "
+                             "use rollout.engine transformers (each process samples its rows) or serve the student "
+                             "(rollout.engine openai)")
+        check_vllm_engine(opts.vllm_engine(cfg.train.max_length), "rollout.vllm")
         if not torch.cuda.is_available():
             raise ValueError("rollout.engine vllm runs vLLM on the training GPU, and no GPU is visible here: use "
                              "rollout.engine transformers (the default) on CPUs")
