@@ -57,10 +57,15 @@ def response_start(labels: list[int]) -> int:
     return start
 
 
+def prompt_ids(example: TrainExample) -> list[int]:
+    """What the student continues: the example's ids before its last response."""
+    return example.tokens.input_ids[: response_start(example.tokens.labels)]
+
+
 def rollout_example(example: TrainExample, response: list[int], max_length: int) -> TrainExample | None:
     """The example with its last response replaced by the student's sampled ids (labelled), cut to max_length;
     None when no sampled token fits."""
-    prompt = example.tokens.input_ids[: response_start(example.tokens.labels)]
+    prompt = prompt_ids(example)
     response = response[: max(0, max_length - len(prompt))]
     if not response:
         return None
@@ -310,8 +315,7 @@ class OnPolicy:
         window = step // self.opts.buffer_steps
         steps = range(window * self.opts.buffer_steps, min((window + 1) * self.opts.buffer_steps, self.total_steps))
         wanted = [(s, i) for s in steps for i in self.chosen(s)]
-        prompts = [self.examples[i].tokens.input_ids[: response_start(self.examples[i].tokens.labels)]
-                   for _, i in wanted]
+        prompts = [prompt_ids(self.examples[i]) for _, i in wanted]
         clock = time.perf_counter()
         self.engine.sync(step)
         responses: list[list[int]] = []
