@@ -561,14 +561,18 @@ def spawn(args, only: str, cell: dict | None = None, head_chunk: int | None = No
     if head_chunk:
         forward += ["--head-chunk", str(head_chunk)]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", only, "--cell", json.dumps(cell or {}), *forward]
+    return measure_in_child(cmd, args.timeout)
+
+
+def measure_in_child(cmd: list[str], timeout: float) -> dict:
+    """Run a measuring child process (offline, quiet) and read its ``RESULT`` line; {"error": ...} if it failed."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env,
-                              check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
+        return {"error": f"timed out after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]

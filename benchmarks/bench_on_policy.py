@@ -63,16 +63,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_distill import RESULT_PREFIX, PeakRSS, default_data, fmt_mib, resident, show
+from bench_distill import RESULT_PREFIX, PeakRSS, default_data, fmt_mib, measure_in_child, resident, show
 from common import load_line, machine_line
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
@@ -445,20 +443,7 @@ def spawn(args, only: str) -> dict:
             forward += [flag, str(value)]
     forward += [flag for flag, on in (("--stop-at-eos", args.stop_at_eos), ("--tiny", args.tiny)) if on]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", only, *forward]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"error": f"exit {proc.returncode}: " + "\n".join(tail)}
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
-    result["wall_s"] = time.perf_counter() - start
-    return result
+    return measure_in_child(cmd, args.timeout)
 
 
 def summarise(r: dict, w: int) -> dict:
@@ -520,9 +505,9 @@ def report(args, out: dict) -> None:
               "generate_share": {k: v["generate_share"] for k, v in sides.items()}}
     # with a generation buffer only every buffer_steps-th step generates: per-step ratios swing, the total time is
     # the fair comparison (measure whole buffers: --warmup and --steps multiples of --buffer-steps)
-    speed, how = (paired, "median of per-step ratios") if args.buffer_steps == 1 else (total, "total time")
-    verdict = (f"tokens/s {speed:.2f}x, {how} (target >= {SPEED_TARGET}x: "
-               f"{'met' if speed >= SPEED_TARGET else 'MISSED'})")
+    ratio, how = (paired, "median of per-step ratios") if args.buffer_steps == 1 else (total, "total time")
+    verdict = (f"tokens/s {ratio:.2f}x, {how} (target >= {SPEED_TARGET}x: "
+               f"{'met' if ratio >= SPEED_TARGET else 'MISSED'})")
     if mem and "error" not in mem["teacherfit"] and "error" not in mem["trl"]:
         m = mem["teacherfit"]["increment_mib"] / max(mem["trl"]["increment_mib"], 1)
         ratios.update(memory_increment=m, memory_absolute=mem["teacherfit"]["peak_mib"] / mem["trl"]["peak_mib"])

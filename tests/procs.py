@@ -17,6 +17,15 @@ def start_cli(command: str, cfg_path: Path) -> subprocess.Popen:
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
+def write_config(folder: Path, name: str, cfg: dict) -> Path:
+    """``cfg`` as the YAML file ``folder/name.yaml`` (a command's ``-c``)."""
+    import yaml
+
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 

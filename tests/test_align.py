@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from procs import killed_and_resumed
+from procs import killed_and_resumed, write_config
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -311,9 +310,7 @@ def test_killed_align_run_resumes_with_the_same_loss_curve(ws, tmp_path):
                "train": {"batch_size": 2, "grad_accum": 1, "max_steps": steps, "warmup_steps": 2, "lr": 1e-3,
                          "checkpoint_every": 3, "keep_checkpoints": 2},
                "out": str(out)}
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, out.name, cfg)
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     a, b = killed_and_resumed("align", (write(ref), ref), (write(killed), killed))
@@ -371,9 +368,7 @@ def test_two_process_ddp_align_matches_one_process_with_accumulation(ws, tmp_pat
                "kd": {"lambda": 0.6},
                "train": {"batch_size": 2, "grad_accum": grad_accum, "max_steps": 2, "warmup_steps": 1, "lr": 1e-3},
                "out": str(tmp_path / name)}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, name, cfg)
 
     single = subprocess.run([sys.executable, "-m", "teacherfit", "align", "-c", str(write("single", 2))], check=False,
                             capture_output=True, text=True, timeout=600)

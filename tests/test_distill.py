@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -21,7 +20,7 @@ from teacherfit.distill.compat import KDIncompatible, check_kd_compatibility
 from teacherfit.distill.examples import tokenize_records, training_records
 from teacherfit.distill.examples import collate
 from teacherfit.distill.train import Schedule
-from procs import killed_and_resumed
+from procs import killed_and_resumed, write_config
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 
 runner = CliRunner()
@@ -249,9 +248,7 @@ def test_killed_run_resumes_with_the_same_loss_curve(ws, tmp_path):
                "train": {"batch_size": 2, "grad_accum": 1, "max_steps": steps, "warmup_steps": 2, "lr": 1e-3,
                          "checkpoint_every": 3, "keep_checkpoints": 2},
                "out": str(out)}
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, out.name, cfg)
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     a, b = killed_and_resumed("distill", (write(ref), ref), (write(killed), killed))
@@ -285,9 +282,7 @@ def test_two_process_ddp_matches_one_process_with_accumulation(ws, tmp_path):
                "kd": {"lambda": 0.6, "w_attn": 0.5},
                "train": {"batch_size": 2, "grad_accum": grad_accum, "max_steps": 2, "warmup_steps": 1, "lr": 1e-3},
                "out": str(tmp_path / name)}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, name, cfg)
 
     single = subprocess.run([sys.executable, "-m", "teacherfit", "distill", "-c", str(write("single", 2))],
                             capture_output=True, text=True, timeout=600)

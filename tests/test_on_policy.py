@@ -9,35 +9,17 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from transformers import AutoModelForCausalLM
 
 from teacherfit.config import AlignConfig, DistillConfig, load_config
 from teacherfit.data import Record, write_records
 from teacherfit.distill.examples import collate, example_key, tokenize_records, training_records
 from teacherfit.distill.train import Schedule
-from procs import killed_and_resumed
+from procs import killed_and_resumed, read_log, write_config
+from test_distill import QA, ws  # noqa: F401  (the same tiny teacher, student and data)
 from tiny import save_tiny, tiny_llama
 
-QA = [("Write a short poem about the sea.", "The sea is blue and wide, the sky is grey."),
-      ("List three colours.", "red, green and blue"),
-      ("What is the capital of France?", "Paris is the capital of France."),
-      ("Explain how a neural network learns.", "It computes a loss, then gradients, then updates."),
-      ("def add(a, b):", "    return a + b"),
-      ("Translate good morning into French.", "bonjour"),
-      ("Say hello.", "Hello! How can I help?"),
-      ("Name a fox.", "The quick brown fox.")]
 NEW = 6  # rollout.max_new_tokens in these tests
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("on_policy")
-    teacher = save_tiny(tiny_llama(tokenizer, seed=21, layers=4), tokenizer, root / "teacher")
-    student = save_tiny(tiny_llama(tokenizer, seed=22, layers=2), tokenizer, root / "student")
-    recs = [Record.from_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
-    data = write_records(root / "train.jsonl", recs)
-    return root, teacher, student, data
 
 
 def _cfg(ws, out, *extra):
@@ -47,10 +29,6 @@ def _cfg(ws, out, *extra):
         "train.batch_size=2", "train.grad_accum=2", "train.max_steps=2", "train.warmup_steps=1", "kd.w_attn=0",
         "train.lr=1e-3", "models.device=cpu", f"out={out}", "kd.on_policy=1", f"rollout.max_new_tokens={NEW}",
         *extra])
-
-
-def _log(run_dir):
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- the naive reference
@@ -178,7 +156,7 @@ def test_on_policy_zero_is_the_off_policy_run_and_one_uses_no_dataset_response(w
     plain = run_distill(_cfg(ws, tmp_path / "plain", "kd.on_policy=0", "rollout.max_new_tokens=128"))
     zero = run_distill(_cfg(ws, tmp_path / "zero", "kd.on_policy=0", "rollout.buffer_steps=3",
                             "rollout.temperature=0.7"))
-    a, b = _log(tmp_path / "plain"), _log(tmp_path / "zero")
+    a, b = read_log(tmp_path / "plain"), read_log(tmp_path / "zero")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
     assert strip(a) == strip(b) and "on_policy" not in a[0]  # the same numbers, bit for bit
     # and those of the code before on-policy existed (commit 0dbfb3f, the same config, this machine: equal to
@@ -225,7 +203,7 @@ def test_the_generation_buffer_is_generated_once_per_window_and_its_age_logged(w
     from teacherfit.pipelines.distill import run_distill
 
     run_distill(_cfg(ws, tmp_path / "buf", "rollout.buffer_steps=3", "train.max_steps=5", "train.grad_accum=1"))
-    rows = _log(tmp_path / "buf")
+    rows = read_log(tmp_path / "buf")
     assert [r["rollout_age"] for r in rows] == [0, 1, 2, 0, 1]
     assert [r["rollout_s"] > 0 for r in rows] == [True, False, False, True, False]
     assert all(r["on_policy"] == 1.0 and r["rollout_tokens"] == r["tokens"] for r in rows)
@@ -246,9 +224,7 @@ def test_a_killed_on_policy_run_resumes_with_the_same_loss_curve(ws, tmp_path):
                "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 10, "warmup_steps": 2, "lr": 1e-3,
                          "checkpoint_every": 3, "keep_checkpoints": 2},
                "out": str(out)}
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, out.name, cfg)
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     a, b = killed_and_resumed("distill", (write(ref), ref), (write(killed), killed))
@@ -271,9 +247,7 @@ def test_two_process_ddp_generates_each_processs_share_like_one_process(ws, tmp_
                "rollout": {"max_new_tokens": NEW, "temperature": 0.0},
                "train": {"batch_size": 2, "grad_accum": grad_accum, "max_steps": 2, "warmup_steps": 1, "lr": 1e-3},
                "out": str(tmp_path / name)}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, name, cfg)
 
     single = subprocess.run([sys.executable, "-m", "teacherfit", "distill", "-c", str(write("single", 2))],
                             capture_output=True, text=True, timeout=600)
@@ -282,7 +256,7 @@ def test_two_process_ddp_generates_each_processs_share_like_one_process(ws, tmp_
                           "--master_port", "29563", "-m", "teacherfit", "distill", "-c", str(write("ddp", 1))],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
-    a, b = _log(tmp_path / "single"), _log(tmp_path / "ddp")
+    a, b = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         for key in ("loss", "ce", "kd", "grad_norm", "tokens", "rollout_tokens", "on_policy"):

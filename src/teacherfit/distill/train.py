@@ -463,8 +463,8 @@ def _train(cfg, accelerator, run_dir: Path, student: nn.Module, tokenizer, examp
     if rollouts_on and cfg.rollout.engine == "transformers" and is_sharded(accelerator) \
             and accelerator.num_processes > 1:
         raise ValueError("kd.on_policy with rollout.engine transformers samples from the whole student in each "
-                         "process, and FSDP2 / ZeRO-3 split it: launch with DDP (configs/accelerate/ddp.yaml or "
-                         "deepspeed_zero2.yaml), or sample with rollout.engine openai")
+                         "process, and FSDP2 / ZeRO-3 split it: launch with DDP (configs/accelerate/ddp.yaml), "
+                         "or sample with rollout.engine openai")
     trainer = build_trainer(cfg, accelerator, student, teacher_factory, vocab=vocab, layer_map=layer_map,
                             total_steps=schedule.total_steps)
     on_policy = None
