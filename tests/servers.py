@@ -40,17 +40,18 @@ def llama_cpp_server(
     n_ctx: int = 2048,
     threads: int = 2,
     model_alias: str | None = None,
+    port: int | None = None,
     startup_timeout_s: float = 120.0,
     on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> Iterator[str]:
     """Serve a GGUF file with ``llama_cpp.server`` on a free loopback port; yields the ``/v1`` base URL.
 
-    ``on_start`` gets the server's process once it is ready (a test that kills a server mid-run keeps it).
+    ``port``: a fixed port (a config that names the URL); a free one by default. ``on_start`` gets the server's process once it is ready (a test that kills a server mid-run keeps it).
 
     The server's output goes to a file rather than a pipe: a pipe nobody reads fills up and stalls the
     server. Its tail is the error message when the server dies or is not ready in time.
     """
-    port = free_port()
+    port = port or free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     command = [
         sys.executable, "-m", "llama_cpp.server",

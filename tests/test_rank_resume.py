@@ -55,7 +55,7 @@ def ranked(cfg, **kw):
 def score_rows(run_dir) -> dict[str, list[dict]]:
     """Rows of each stage's scores file, by stage name."""
     files = sorted((run_dir / "scores").glob("*.jsonl"))
-    assert len(files) == 3, files  # one file per stage: no stage was keyed under another digest
+    assert len(files) == 4, files  # one file per stage (GRACE's gradients included): no stage was keyed under another digest
     return {f.name.split("-")[0]: [json.loads(line) for line in f.read_text().splitlines()] for f in files}
 
 
@@ -96,7 +96,8 @@ def scored_calls(monkeypatch):
 def test_added_teacher_and_edited_response_are_the_only_rows_scored(models_dir, tmp_path, scored_calls):
     sets = {n: write_set(tmp_path / f"{n}.jsonl", ANSWERS[n]) for n in ("alpha", "beta")}
     ranked(rank_cfg(models_dir, sets, tmp_path / "run"))
-    assert {k: len(v) for k, v in score_rows(tmp_path / "run").items()} == {"student": 10, "ref": 10, "reward": 10}
+    assert {k: len(v) for k, v in score_rows(tmp_path / "run").items()} == {"student": 10, "ref": 10, "reward": 10,
+                                                                             "grace": 10}
     assert scored_calls == {"likelihood": 2 * 2 * 10, "reward": 10}  # two models x two passes (IFD)
 
     # a third teacher, and one of alpha's responses edited in place (same instruction, same position)
@@ -107,7 +108,8 @@ def test_added_teacher_and_edited_response_are_the_only_rows_scored(models_dir, 
     result = ranked(rank_cfg(models_dir, sets, tmp_path / "run"))
     # only the 5 new rows and the edited one were scored; the old score of the edited row stays on disk unused
     assert scored_calls == {"likelihood": 2 * 2 * 16, "reward": 16}
-    assert {k: len(v) for k, v in score_rows(tmp_path / "run").items()} == {"student": 16, "ref": 16, "reward": 16}
+    assert {k: len(v) for k, v in score_rows(tmp_path / "run").items()} == {"student": 16, "ref": 16, "reward": 16,
+                                                                             "grace": 16}
     assert len(result.samples) == 15
 
     fresh = ranked(rank_cfg(models_dir, sets, tmp_path / "fresh"))
@@ -193,7 +195,10 @@ def test_dry_run_checks_everything_loads_nothing_and_counts_what_is_cached(model
     result = ranked(rank_cfg(models_dir, sets, tmp_path / "run"), dry_run=True)
     assert result.teachers == [] and result.run_dir == (tmp_path / "run").resolve()
     assert [(p["stage"], p["rows"], p["cached"], p["to score"]) for p in result.plan] == [
-        ("student", 15, 10, 5), ("reference LM", 15, 10, 5), ("reward", 15, 10, 5)]
+        ("student", 15, 10, 5), ("reference LM", 15, 10, 5), ("reward", 15, 10, 5), ("GRACE gradients", 15, 10, 5)]
+    # GRACE scores the first grace.instructions instructions only
+    result = ranked(rank_cfg(models_dir, sets, tmp_path / "run", "grace.instructions=4"), dry_run=True)
+    assert result.plan[-1]["rows"] == 12
     # a dry run into a new directory creates nothing
     ranked(rank_cfg(models_dir, sets, tmp_path / "new"), dry_run=True)
     assert not (tmp_path / "new").exists()

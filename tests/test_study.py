@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from teacherfit import metrics
 from teacherfit.cli import app
 from teacherfit.config import ConfigError, StudyConfig, load_config
+import numpy as np
+
 from teacherfit.data import Record
 from test_evaluate import scripted_judge
 from test_rewards import scripted_server
@@ -30,7 +32,9 @@ FILE_TEACHERS = {  # response style per file teacher: distinct lengths and conte
     "short": lambda i: CORPUS[(i + 3) % 8].split(".")[0] + ".",
     "numbers": lambda i: "Sure! Here is an answer with numbers 0123456789." * (1 + i % 2),
 }
-METRICS = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+METRICS = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref", "grape", "grace",
+           "reward_2", "car_2"]
+ARMS = ["long@seed1", "mix-car", "mix-grape"]  # the seed repeat and the two mixtures, beside the teachers
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def study_workspace(tmp_path_factory, tokenizer):
     teacher = save_tiny(tiny_qwen2(tokenizer, seed=2), tokenizer, root / "teacher")
     rm = tiny_reward_model(tokenizer)
     rm_dir = save_tiny(rm, tokenizer, root / "rm")
+    rm2_dir = save_tiny(tiny_reward_model(tokenizer, seed=7), tokenizer, root / "rm2")
     (root / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
     for name, answer in FILE_TEACHERS.items():
         rows = [Record.from_messages([{"role": "user", "content": t}]).with_response(answer(i)).to_row()
@@ -56,7 +61,10 @@ def study_workspace(tmp_path_factory, tokenizer):
             {"name": "qwen-sampled", "model": str(teacher), "decoding": {"max_new_tokens": 8, "temperature": 1.0, "seed": 3}},
         ],
         "pairs": [{"family": "file", "larger": "long", "smaller": "short"}],
-        "rank": {"reference_lm": str(teacher), "reward": {"kind": "classifier", "model": str(rm_dir)}, "max_length": 96,
+        "seed_repeats": ["long"],
+        "mixtures": ["car", "grape"],
+        "rank": {"reference_lm": str(teacher), "reward": {"kind": "classifier", "model": str(rm_dir)},
+                 "reward_2": {"kind": "classifier", "model": str(rm2_dir)}, "max_length": 96,
                  "bootstrap": 50},
         "finetune": {"train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 0,
                                "max_length": 64, "checkpoint_every": 1}},
@@ -104,7 +112,7 @@ def test_study_runs_every_stage_in_its_own_directory(studied):
     names = ["long", "short", "numbers", "qwen-greedy", "qwen-sampled"]
     assert [t["teacher"] for t in results["teachers"]] == names
     assert results["instructions"]["n_train"] == 5 and results["instructions"]["n_heldout"] == 3
-    for name in names:
+    for name in names + ARMS:
         assert (out / "finetune" / name / "model" / "config.json").exists()
         summary = json.loads((out / "finetune" / name / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["teacher"] is None  # sequence-level KD: no teacher model
@@ -116,11 +124,11 @@ def test_study_runs_every_stage_in_its_own_directory(studied):
         assert len(ids) == 5 and not ids & held
     sampled = [json.loads(line) for line in (out / "generate/responses/qwen-sampled.jsonl").read_text().splitlines()]
     assert all(r["decoding"]["temperature"] == 1.0 for r in sampled)
-    # evaluated on the held-out instructions: 6 students (5 + the untuned one) x 3 items x 2 orders
-    assert requests == 6 * 3 * 2
+    # evaluated on the held-out instructions: 9 students (5 teachers, 3 arms, the untuned one) x 3 items x 2 orders
+    assert requests == 9 * 3 * 2
     assert results["baseline"] is not None and math.isfinite(results["baseline"]["heldout_loss"])
-    assert set(results["stages"]) == {"generate", "rank", *(f"finetune {n}" for n in names),
-                                      *(f"evaluate {n}" for n in names + ["base"])}
+    assert set(results["stages"]) == {"generate", "rank", *(f"finetune {n}" for n in names + ARMS),
+                                      *(f"evaluate {n}" for n in names + ARMS + ["base"])}
 
 
 def test_study_correlations_are_recomputable_from_recorded_values(studied):
@@ -156,6 +164,52 @@ def test_study_correlations_are_recomputable_from_recorded_values(studied):
     assert [r["paper column"] for r in table4 if r["metric"] == "reward"] == ["ArmoRM", "Sky-8B", "Sky-27B"]
     car_row = next(r for r in table4 if r["metric"] == "car")
     assert car_row["rho (paper mean)"] == metrics.PAPER_TABLE4["mean"]["CAR"]
+
+
+def test_study_answers_which_metric_to_trust_with_regret_noise_and_mixtures(studied):
+    out, _, _, _ = studied
+    results = json.loads((out / "results.json").read_text())
+    rank = {t["teacher"]: t for t in json.loads((out / "rank" / "results.json").read_text())["teachers"]}
+    names = [t["teacher"] for t in results["teachers"]]
+    outcome = {t["teacher"]: t["outcome"] for t in results["teachers"]}
+    arm = {a: -json.loads((out / "evaluate" / a / "results.json").read_text())["heldout_loss"]["mean"] for a in ARMS}
+    best = max(names, key=outcome.get)
+    trust = results["trust"]
+    assert trust["best_teacher"] == best and trust["n_teachers"] == 5
+    # the significance threshold for 5 teachers (two-sided 5%, t-approximation), written out here
+    from scipy import stats
+    t = stats.t.ppf(0.975, 3)
+    assert trust["critical_spearman"] == pytest.approx(t / math.sqrt(3 + t * t))
+    for row in trust["rows"]:  # the regret of each metric's pick, recomputed naively
+        m = row["metric"]
+        scores = {n: metrics.METRIC_DIRECTION[m] * rank[n][m] for n in names}
+        pick = names[0]
+        for n in names:
+            if scores[n] > scores[pick]:
+                pick = n
+        assert row["pick"] == pick and row["regret"] == pytest.approx(outcome[best] - outcome[pick])
+        assert row["regret"] >= 0 and row["significant"] == (abs(row["spearman"]) >= trust["critical_spearman"])
+    # CAR against reward alone: the difference of their Spearman correlations
+    x = lambda m: [metrics.METRIC_DIRECTION[m] * rank[n][m] for n in names]  # noqa: E731
+    y = [outcome[n] for n in names]
+    assert trust["car_vs_reward"]["difference"] == pytest.approx(
+        metrics.spearman(x("car"), y) - metrics.spearman(x("reward"), y), nan_ok=True)
+    # the noise: two seeds of one teacher against the spread across teachers
+    noise = results["noise"]
+    assert noise["rows"][0]["outcome_b"] == pytest.approx(arm["long@seed1"])
+    assert noise["seed_sd"] == pytest.approx(abs(outcome["long"] - arm["long@seed1"]) / math.sqrt(2))
+    assert noise["teacher_sd"] == pytest.approx(float(np.std(y, ddof=1)))
+    # the mixtures: trained on the per-instruction picks of the rank run, compared with the best single teacher
+    for mx in results["mixtures"]:
+        assert mx["outcome"] == pytest.approx(arm[f"mix-{mx['rule']}"]) and mx["best_teacher"] == best
+        assert mx["beats_best"] == (mx["outcome"] > outcome[best])
+    summary = json.loads((out / "finetune" / "mix-grape" / "summary.json").read_text())
+    assert summary["examples"]["records"] == 5  # one pick per training instruction
+    # the answers lead: one per student, naming a metric
+    (answer,) = results["answers"]
+    assert answer["metric"] in METRICS and answer["text"].startswith(f"trust {answer['metric']}")
+    html = (out / "report.html").read_text()
+    assert html.index("Which metric to trust") < html.index("Teacher settings")
 
 
 def test_second_study_run_skips_every_stage(studied):

@@ -362,6 +362,23 @@ class ResponseSetConfig(Strict):
     path: Path = Field(description="JSONL/JSON/Parquet file (Alpaca, ShareGPT or messages format, with responses).")
 
 
+class GraceConfig(Strict):
+    """GRACE (Panigrahi et al., ICLR 2026): a teacher score from the student's per-example gradients on its responses.
+
+    One forward and backward pass of the untuned student per (teacher, instruction) on the first `instructions`
+    instructions, each gradient projected to `dim` numbers; the score is computed from the projections as the
+    authors' code does (`teacherfit.metrics.grace_score`). Lower is better."""
+
+    enabled: bool = Field(True, description="Compute GRACE (a backward pass per row; off: rank skips it).")
+    instructions: int | None = Field(512, ge=4, description="Instructions scored per teacher (the first N answered "
+                                     "by every teacher; null: all). The authors used 512.")
+    dim: int = Field(512, ge=8, le=32767, description="Projected gradient size (the authors' default 512).")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of instructions held out in each split.")
+    n_splits: int = Field(10, ge=1, description="Random train/held-out splits averaged.")
+    smooth: float = Field(1e-3, ge=0, le=1, description="Eigenvalue smoothing towards the mean eigenvalue.")
+    seed: int = Field(0, description="Seed of the random projection.")
+
+
 class RankConfig(Strict):
     """`teacherfit rank`: CAR and the baselines per teacher for one student."""
 
@@ -374,6 +391,10 @@ class RankConfig(Strict):
         "smollm2-135m-instruct", description="Fixed small LM for the PPL/IFD baselines (the paper used GPT-2)."
     )
     reward: RewardConfig = RewardConfig()
+    reward_2: RewardConfig | None = Field(
+        None, description="A second, different reward source scored beside `reward` (metrics reward_2 and car_2): a "
+        "study judges its outcome with another model, so the selection signal can be told from the evaluation signal.")
+    grace: GraceConfig = Field(GraceConfig(), description="GRACE, the gradient-based teacher score.")
     beta: float = Field(DEFAULT_BETA, ge=0, description="CAR = r / (1 + beta * L).")
     car_variant: Literal["auto", "plain", "sign_safe"] = Field(
         "auto", description="'auto': plain when every reward is positive, else the sign-safe variant."
@@ -604,8 +625,11 @@ class TrainData(Strict):
 
     responses: list[ResponseSetConfig] = Field(default_factory=list, description="Response sets to train on.")
     best_of_rank: Path | None = Field(
-        None, description="A rank run: per instruction, the response of the teacher with the best per-sample CAR."
+        None, description="A rank run: per instruction, the response of the teacher that `best_of_rank_rule` picks."
     )
+    best_of_rank_rule: Literal["car", "grape"] = Field(
+        "car", description="How best_of_rank picks per instruction: 'car' (the best per-sample CAR) or 'grape' (the "
+        "response the student finds most likely per token, GRAPE's rule).")
     limit: int | None = Field(None, ge=1, description="Use only the first N training samples.")
     on_error: Literal["stop", "skip"] = Field("stop", description="Malformed rows: stop (default) or skip and count.")
 
@@ -839,9 +863,18 @@ class StudyConfig(Strict):
     heldout: int = Field(4, ge=0, description="Instructions held out of fine-tuning (seeded choice); the students "
                          "are evaluated on them (pairwise and reward win rate, held-out loss) unless evaluate says otherwise.")
     limit: int | None = Field(None, ge=1, description="Use only the first N instructions.")
-    student: str = Field(description="The untuned student base model: ranked for, then fine-tuned on each teacher.")
+    student: str | list[str] = Field(description="The untuned student base model (or a list of them): ranked for, then "
+                                     "fine-tuned on each teacher; several students are studied one after the other "
+                                     "on the same responses and also pooled.")
     teachers: list[TeacherConfig] = Field(min_length=3, description="Teacher settings (a model with its decoding, a "
                                           "server, or an existing response set); two decodings of one model are two settings.")
+    seed_repeats: list[str] = Field(default_factory=list, description="Teachers whose fine-tune is run a second time "
+                                    "with train.seed + 1: the outcome's spread across seeds, against its spread across "
+                                    "teachers, says whether the fine-tunes are long enough to tell teachers apart.")
+    mixtures: list[Literal["car", "grape"]] = Field(
+        default_factory=list, description="Per-instruction selections fine-tuned beside the single teachers "
+        "(data.best_of_rank with each rule: 'car' the best per-sample CAR, 'grape' the response the student finds "
+        "most likely): does mixing beat the best single teacher?")
     generate: StudyGenerate = StudyGenerate()
     rank: StudyRank = StudyRank()
     finetune: StudyFinetune = StudyFinetune()
@@ -863,6 +896,17 @@ class StudyConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique: {names}")
         return v
+
+    @field_validator("student")
+    @classmethod
+    def _students(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("give one student, or a list of different students")
+        return v
+
+    @property
+    def students(self) -> list[str]:
+        return [self.student] if isinstance(self.student, str) else list(self.student)
 
 
 # The config class of each command: `teacherfit config COMMAND` lists its fields from here, so the listing is the

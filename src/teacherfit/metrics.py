@@ -43,6 +43,16 @@ METRIC_DIRECTION: dict[str, int] = {
     # samples as harder; the paper's sign convention for IFD as a teacher metric is not confirmed.)
     "ifd_student": -1,
     "ifd_ref": -1,
+    # GRAPE (Zhang et al. 2025): the share of instructions on which the student finds this teacher's response the
+    # most likely of all candidates (length-normalised log-probability); its per-teacher mean log-probability is
+    # -loss_student, listed above.
+    "grape": +1,
+    # GRACE (Panigrahi et al. 2026): cross-validated trace(Sigma_train^-1 Sigma_test) of the student's projected
+    # per-example gradients, a leave-one-out-stability (generalisation) bound: lower is better.
+    "grace": -1,
+    # the reward, and CAR with it, under a second, different judge (`rank.reward_2`)
+    "reward_2": +1,
+    "car_2": +1,
 }
 """+1: a higher value should mean a better teacher; -1: a lower value should."""
 
@@ -176,6 +186,105 @@ def car_pick_probabilities(
             "p_leader_beats_runner_up": float(beats.mean()), "n_resamples": n_resamples}
 
 
+def grape_selection(logprobs) -> dict[str, Any]:
+    """GRAPE's rule (Zhang, Dai, Peng 2025): per instruction, the candidate response with the highest
+    length-normalised log-probability under the student (mean log-probability per response token).
+
+    ``logprobs`` is (teachers x instructions), NaN where a teacher has no scored response to an instruction (it
+    cannot win there). Returns ``winner`` (per instruction, the row index of the winning teacher, -1 where no
+    teacher was scored; ties go to the first teacher), ``win_share`` (per teacher, its wins over the instructions
+    that have a winner; these sum to 1) and ``mean_logprob`` (per teacher, over its scored instructions).
+    """
+    lp = np.asarray(logprobs, dtype=float)
+    if lp.ndim != 2 or lp.shape[0] < 1:
+        raise ValueError("logprobs must be (teachers x instructions)")
+    scored = np.isfinite(lp)
+    has_winner = scored.any(axis=0)
+    winner = np.where(has_winner, np.argmax(np.where(scored, lp, -np.inf), axis=0), -1)
+    wins = np.bincount(winner[has_winner], minlength=lp.shape[0])
+    decided = int(has_winner.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a teacher with no scored response: NaN mean
+        mean = np.nanmean(lp, axis=1)
+    return {"winner": winner.tolist(), "win_share": (wins / decided if decided else np.full(lp.shape[0], np.nan)).tolist(),
+            "mean_logprob": mean.tolist(), "decided": decided}
+
+
+GRACE_DEFAULTS = {"test_fraction": 0.1, "n_splits": 10, "smooth": 1e-3}
+"""The public GRACE code's defaults (github abhishekpanigrahi1996/GRACE, GRACE/GRACE_computation.py)."""
+
+
+def grace_score(gradients, *, group_size: int = 1, test_fraction: float = 0.1, n_splits: int = 10,
+                smooth: float = 1e-3, eps: float = 1e-12) -> float:
+    """GRACE (Panigrahi, Liu, Malladi, Kakade, Goel, ICLR 2026) of one teacher from the student's projected
+    per-example gradients on its responses, ``gradients`` (n x d). Lower is better.
+
+    As the authors' code computes it: the rows are grouped by prompt (``group_size`` consecutive rows answer one
+    prompt); for each of ``n_splits`` random splits (split ``k`` permutes the prompts with
+    ``np.random.default_rng(k)``), ``max(1, int(prompts * test_fraction))`` prompts are held out. The training
+    rows are normalised to unit length (direction only), the held-out rows are not (their magnitude counts);
+    each side's second moment is ``G^T G / rows``. The training moment's eigenvalues are clipped at ``eps`` and
+    smoothed towards their mean, ``(1 - smooth) * w + smooth * mean(w)`` (the spectrum-weighted preconditioner),
+    and the split's score is ``trace(inverse(train moment) @ held-out moment)``: large when held-out gradients
+    point where the training gradients seldom do (little direction diversity) or are large. The mean over the
+    splits is returned.
+    """
+    g = np.asarray(gradients, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] < 2:
+        raise ValueError(f"gradients must be (examples x dim) with at least 2 rows, got shape {g.shape}")
+    if group_size < 1 or g.shape[0] % group_size:
+        raise ValueError(f"{g.shape[0]} rows do not split into groups of {group_size}")
+    if not 0 < test_fraction < 1 or n_splits < 1 or not 0 <= smooth <= 1:
+        raise ValueError("need 0 < test_fraction < 1, n_splits >= 1 and 0 <= smooth <= 1")
+    n_prompts, dim = g.shape[0] // group_size, g.shape[1]
+    n_test = max(1, int(n_prompts * test_fraction))
+    if n_prompts - n_test < 1:
+        raise ValueError(f"{n_prompts} prompts leave none to train on with test_fraction={test_fraction}")
+    grouped = g.reshape(n_prompts, group_size, dim)
+    scores = []
+    for split in range(n_splits):
+        order = np.random.default_rng(split).permutation(n_prompts)
+        train = grouped[order[: n_prompts - n_test]].reshape(-1, dim)
+        test = grouped[order[n_prompts - n_test:]].reshape(-1, dim)
+        train = train / np.clip(np.linalg.norm(train, axis=1, keepdims=True), eps, None)
+        w, v = np.linalg.eigh(train.T @ train / len(train))
+        w = np.clip(w, eps, None)
+        w = np.clip((1.0 - smooth) * w + smooth * w.mean(), eps, None)
+        scores.append(float(np.trace((v / w) @ v.T @ (test.T @ test / len(test)))))
+    return float(np.mean(scores))
+
+
+def pick_regret(scores: dict[str, float], outcomes: dict[str, float], direction: int = 1) -> dict[str, Any]:
+    """What choosing by a metric cost: the teacher the metric ranks first (``direction`` * score highest, ties to
+    the first) against the teacher whose student came out best. ``regret`` = best outcome - the pick's outcome
+    (0: the metric found the best teacher). Teachers without a finite score or outcome are left out."""
+    names = [t for t in scores if t in outcomes and np.isfinite(scores[t]) and np.isfinite(outcomes[t])]
+    if not names:
+        return {"pick": None, "best": None, "regret": float("nan"), "pick_rank": None}
+    pick = max(names, key=lambda t: direction * scores[t])
+    best = max(names, key=lambda t: outcomes[t])
+    order = sorted(names, key=lambda t: -outcomes[t])
+    return {"pick": pick, "best": best, "regret": float(outcomes[best] - outcomes[pick]),
+            "pick_rank": order.index(pick) + 1, "of": len(names)}
+
+
+def critical_correlation(n: int, method: str = "spearman", alpha: float = 0.05) -> float:
+    """The smallest |correlation| that is significant (two-sided, level ``alpha``) for ``n`` teachers.
+
+    Spearman: the t-approximation, ``r = t / sqrt(n - 2 + t^2)`` with t the ``1 - alpha/2`` quantile of Student's t
+    with n - 2 degrees of freedom; Kendall: the normal approximation, ``z * sqrt(2(2n + 5) / (9n(n - 1)))``. Both
+    are the textbook large-sample forms (about right from n = 10 on); NaN below 3 teachers.
+    """
+    if n < 3:
+        return float("nan")
+    if method == "spearman":
+        t = stats.t.ppf(1 - alpha / 2, n - 2)
+        return float(t / np.sqrt(n - 2 + t * t))
+    if method == "kendall":
+        return float(stats.norm.ppf(1 - alpha / 2) * np.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))))
+    raise ValueError(f"method must be 'spearman' or 'kendall', got {method!r}")
+
+
 def perplexity(mean_nll):
     """``exp(mean NLL)``; lower means the model finds the text more likely."""
     return _as_float_or_array(np.exp(np.asarray(mean_nll, dtype=float)))
@@ -287,6 +396,42 @@ def bootstrap_corr_ci(
         raise ValueError("x and y must not be empty")
     low, high = _percentile_bootstrap(x.size, lambda idx: corr(x[idx], y[idx]), n_resamples, level, seed)
     return corr(x, y), low, high
+
+
+def paired_corr_difference(x1, x2, y, *, n_resamples: int = 1000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """``(spearman(x1, y) - spearman(x2, y), low, high)``: is metric 1 a better predictor than metric 2 on these
+    teachers? The interval resamples teachers (x1, x2, y together), so both correlations see the same teachers."""
+    x1, y = _paired(x1, y)
+    x2, _ = _paired(x2, y)
+    keep = np.isfinite(x1) & np.isfinite(x2) & np.isfinite(y)
+    x1, x2, y = x1[keep], x2[keep], y[keep]
+    if x1.size < 2:
+        return float("nan"), float("nan"), float("nan")
+    diff = lambda idx: spearman(x1[idx], y[idx]) - spearman(x2[idx], y[idx])  # noqa: E731
+    low, high = _percentile_bootstrap(x1.size, diff, n_resamples, level, seed)
+    return diff(np.arange(x1.size)), low, high
+
+
+def pooled_spearman(xs, ys, *, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """The mean over groups (students) of Spearman(x_g, y_g), every group over the same teachers in the same order;
+    the interval resamples teachers, the same ones for every group (their responses, hence their errors, are
+    shared). Teachers with a non-finite value in a group are left out of that group's correlation."""
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    if x.ndim != 2 or x.shape != y.shape or x.shape[1] < 2:
+        raise ValueError("xs and ys must be (groups x teachers) with at least 2 teachers")
+
+    def mean_rho(idx: np.ndarray) -> float:
+        rhos = []
+        for xg, yg in zip(x[:, idx], y[:, idx]):
+            ok = np.isfinite(xg) & np.isfinite(yg)
+            rhos.append(spearman(xg[ok], yg[ok]))
+        rhos = np.asarray(rhos)
+        return float(np.mean(rhos)) if np.all(np.isfinite(rhos)) else float("nan")
+
+    low, high = _percentile_bootstrap(x.shape[1], mean_rho, n_resamples, level, seed)
+    return mean_rho(np.arange(x.shape[1])), low, high
 
 
 def calibrate_beta(rewards, losses, outcomes, *, grid=None, method: str = "spearman") -> float:

@@ -333,3 +333,46 @@ def score_padded(model, examples: list, *, pad_token_id: int, cap: int | None = 
         for i, scored in zip(rows, score_examples(model, wide, pad_token_id=pad_token_id, **kw)):
             out[i] = scored
     return out
+
+
+class GradientSketch:
+    """Per-example gradients of a model's trainable weights, projected to ``dim`` numbers (for GRACE).
+
+    The projection is a CountSketch (sparse Johnson-Lindenstrauss: every weight adds its gradient, with a random
+    sign, to one of ``dim`` random buckets), not the authors' dense Rademacher matrix (trak's CUDA projector):
+    a dense ``dim x weights`` matrix does not fit in memory for a 100M-weight student and cannot be regenerated per
+    example on a CPU, while the sketch costs one scatter-add per weight and 4 bytes per weight of index, made once
+    from ``seed``. Both preserve inner products in expectation (so the second moments GRACE compares); the sketch
+    needs no ``1/sqrt(weights)`` rescaling, as it preserves lengths in expectation. Written here because no kept
+    library projects gradients (trak needs CUDA and is not a dependency).
+
+    ``project(example)``: the gradient of the mean token loss over the example's labelled tokens (the model's own
+    loss, as the authors' code), one example per backward pass.
+    """
+
+    def __init__(self, model, dim: int, seed: int = 0):
+        self.model, self.dim = model, dim
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable weights to take gradients of")
+        # one int32 index per weight: bucket b in [0, dim) adds the gradient, b + dim subtracts it
+        self.buckets = []
+        for k, p in enumerate(self.params):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            self.buckets.append(torch.randint(0, 2 * dim, (p.numel(),), generator=gen, dtype=torch.int32).to(p.device))
+        self.n_weights = sum(p.numel() for p in self.params)
+
+    def project(self, input_ids: Sequence[int], labels: Sequence[int]) -> list[float]:
+        device = self.params[0].device
+        ids = torch.tensor([list(input_ids)], device=device)
+        lab = torch.tensor([list(labels)], device=device)
+        self.model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = self.model(input_ids=ids, labels=lab).loss
+            loss.backward()
+        out = torch.zeros(2 * self.dim, dtype=torch.float32, device=device)
+        for p, idx in zip(self.params, self.buckets):
+            if p.grad is not None:
+                out.index_add_(0, idx, p.grad.reshape(-1).float())
+        self.model.zero_grad(set_to_none=True)
+        return (out[: self.dim] - out[self.dim :]).tolist()

@@ -1,7 +1,8 @@
 """Training examples for distillation: which (instruction, response) pairs, tokenized with response-only labels.
 
 Sources: response sets as they are (sequence-level KD on a teacher's responses), or ``best_of_rank``: per
-instruction, the response of the teacher whose per-sample CAR was best in a `teacherfit rank` run.
+instruction, the response of the teacher whose per-sample CAR was best in a `teacherfit rank` run, or (GRAPE's rule)
+the response the untuned student found most likely per token.
 Each example is keyed by a hash of its whole conversation, so the offline teacher cache and the training
 run agree on what an entry is, whatever file or order it came from.
 """
@@ -25,8 +26,13 @@ def example_key(record: Record) -> str:
     return record_id(record.messages)
 
 
-def best_of_rank(rank_run: Path) -> list[Record]:
-    """Per instruction, the record of the teacher with the best per-sample CAR in a rank run."""
+# per-sample value each rule maximises per instruction (ties: the first teacher in the rank run's order). GRAPE's is
+# the length-normalised log-probability under the student, -loss_student (as `metrics.grape_selection` ranks).
+BEST_OF_RANK_RULES = {"car": lambda s: s["car"], "grape": lambda s: -s["loss_student"]}
+
+
+def best_of_rank(rank_run: Path, rule: str = "car") -> list[Record]:
+    """Per instruction, the record of the teacher whose per-sample value under ``rule`` is best in a rank run."""
     import pyarrow.parquet as pq
 
     rank_run = Path(rank_run)
@@ -40,19 +46,21 @@ def best_of_rank(rank_run: Path) -> list[Record]:
         sets_of = results["response_sets"]
     except (ValueError, KeyError, OSError) as err:  # pyarrow's errors are ValueErrors/OSErrors
         raise ValueError(f"data.best_of_rank: {rank_run}: unreadable rank outputs ({err}); re-run rank") from None
-    best: dict[str, dict] = {}
+    value = BEST_OF_RANK_RULES[rule]
+    best: dict[str, tuple[float, dict]] = {}
     for s in samples:
-        if s["car"] is None or not math.isfinite(s["car"]):
+        v = value(s) if s.get("car" if rule == "car" else "loss_student") is not None else math.nan
+        if not math.isfinite(v):
             continue
-        if s["id"] not in best or s["car"] > best[s["id"]]["car"]:
-            best[s["id"]] = s
+        if s["id"] not in best or v > best[s["id"]][0]:
+            best[s["id"]] = (v, s)
     sets = {name: {r.id: r for r in load_records(path, require_response=True).records}
             for name, path in sets_of.items()}
     chosen = []
-    for sid, s in best.items():
+    for sid, (v, s) in best.items():
         rec = sets[s["teacher"]][sid]
-        chosen.append(Record(rec.id, rec.messages, rec.source, dict(rec.meta, chosen_by="best_per_sample_car",
-                                                                    chosen_car=s["car"])))
+        chosen.append(Record(rec.id, rec.messages, rec.source, dict(rec.meta, chosen_by=f"best_per_sample_{rule}",
+                                                                    chosen_value=v, chosen_from=s["teacher"])))
     return chosen
 
 
@@ -61,7 +69,7 @@ def training_records(cfg: TrainData) -> list[Record]:
     for rs in cfg.responses:
         records += load_records(rs.path, require_response=True, on_error=cfg.on_error).records
     if cfg.best_of_rank is not None:
-        records += best_of_rank(cfg.best_of_rank)
+        records += best_of_rank(cfg.best_of_rank, cfg.best_of_rank_rule)
     if not records:
         raise ValueError("no training data: give data.responses or data.best_of_rank")
     seen, unique = set(), []

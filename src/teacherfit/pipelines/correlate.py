@@ -22,7 +22,8 @@ from teacherfit.data import DataError
 from teacherfit.store import atomic_write_json
 from teacherfit.ui import console, rich_table
 
-CORRELATED = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+CORRELATED = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref",
+              "grape", "grace", "reward_2", "car_2"]
 
 
 OUTCOMES_FORMAT = ("a JSON/YAML mapping {teacher: number}, a list of {teacher, outcome}, or a CSV with columns "

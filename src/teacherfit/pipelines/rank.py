@@ -4,8 +4,9 @@ The sequence, one model in memory at a time:
 1. read the response sets and keep the instructions every teacher answered (the rest are reported);
 2. the untuned student: loss of each response given its instruction (compatibility L) and without it (IFD);
 3. the fixed reference LM: the same two losses (PPL/IFD baselines, the paper's GPT-2 role);
-4. the reward source: r per response;
-5. per-sample table, per-teacher aggregates with bootstrap intervals, CAR, report.
+4. the reward source: r per response (and a second, different one when `reward_2` is set);
+5. GRACE: the untuned student's per-example gradients, projected (the first `grace.instructions` instructions);
+6. per-sample table, per-teacher aggregates with bootstrap intervals, CAR, GRAPE's win share, GRACE, report.
 
 Every stage keeps its scores per row in ``scores/<stage>-<digest>.jsonl`` (``store.ResumableJsonl``), keyed
 by (teacher, instruction id, digest of the conversation); the digest in the file name covers what the
@@ -58,10 +59,13 @@ from teacherfit.store import (
 )
 from teacherfit.ui import console, progress_bar, rich_table
 
-AGG_METRICS = ["reward", "loss_student", "length", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+AGG_METRICS = ["reward", "loss_student", "length", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref", "reward_2"]
+# rank's per-teacher metrics beyond the means above (CAR, GRAPE's win share, GRACE, CAR under the second reward)
+SET_METRICS = ["car", "grape", "grace", "car_2"]
 # Bump when the way a stage scores a row changes, so that older scores are not reused.
 # v2: IFD's unconditional pass scores exactly the conditional pass's response tokens.
 SCORES_VERSION = "rank-scores-v2"
+GRACE_VERSION = "grace-countsketch-v1"  # the projection (scoring.GradientSketch) and the loss it differentiates
 KEY_FIELDS = ("teacher", "id", "content")
 ROWS_PER_CHUNK = 64  # rows scored between two appends to a stage's file: the most a killed run loses
 
@@ -129,7 +133,7 @@ def row_key(teacher: str, rec: Record) -> tuple[str, str, str]:
 class Stage:
     """One scoring stage; ``spec`` is everything its scores depend on, and its digest names the scores file."""
 
-    name: str  # "student" | "ref" | "reward"
+    name: str  # "student" | "ref" | "reward" | "reward_2" | "grace"
     label: str
     model: str | None  # the model to load (None: a remote judge)
     spec: dict[str, Any]
@@ -150,9 +154,6 @@ def preflight(cfg: RankConfig) -> list[Stage]:
     from teacherfit.models import pick_device, pick_dtype, resolve_model
     from teacherfit.rewards import JUDGE_PROMPT_VERSION
 
-    reward = cfg.reward
-    if reward.kind != "openai_judge" and not reward.model:
-        raise ValueError(f"reward.kind {reward.kind!r} needs reward.model")
     dtype = str(pick_dtype(cfg.models.dtype, pick_device(cfg.models.device))).removeprefix("torch.")
 
     def likelihood(spec: str) -> dict[str, Any]:
@@ -162,15 +163,27 @@ def preflight(cfg: RankConfig) -> list[Stage]:
     stages = [Stage("student", "student", cfg.student, likelihood(cfg.student))]
     if cfg.reference_lm:
         stages.append(Stage("ref", "reference LM", cfg.reference_lm, likelihood(cfg.reference_lm)))
-    spec: dict[str, Any] = {"version": SCORES_VERSION, "kind": reward.kind}
-    if reward.kind == "openai_judge":
-        spec.update(reward.remote.identity(), prompt=JUDGE_PROMPT_VERSION)
-    else:
-        spec.update(model=resolve_model(reward.model, convert=False).provenance, max_length=reward.max_length,
-                    dtype=dtype)
-        if reward.kind == "judge":
-            spec["prompt"] = JUDGE_PROMPT_VERSION
-    stages.append(Stage("reward", "reward", reward.model if reward.kind != "openai_judge" else None, spec))
+    for name, label, reward in (("reward", "reward", cfg.reward), ("reward_2", "second reward", cfg.reward_2)):
+        if reward is None:
+            continue
+        if reward.kind != "openai_judge" and not reward.model:
+            raise ValueError(f"{name}.kind {reward.kind!r} needs {name}.model")
+        spec: dict[str, Any] = {"version": SCORES_VERSION, "kind": reward.kind}
+        if reward.kind == "openai_judge":
+            spec.update(reward.remote.identity(), prompt=JUDGE_PROMPT_VERSION)
+        else:
+            spec.update(model=resolve_model(reward.model, convert=False).provenance, max_length=reward.max_length,
+                        dtype=dtype)
+            if reward.kind == "judge":
+                spec["prompt"] = JUDGE_PROMPT_VERSION
+        stages.append(Stage(name, label, reward.model if reward.kind != "openai_judge" else None, spec))
+    if cfg.reward_2 is not None and stages[-1].spec == stages[-2].spec:
+        raise ConfigError("reward_2 is the same reward source as reward: give a different judge or model (it is "
+                          "there to separate the selection signal from the evaluation signal), or unset it")
+    if cfg.grace.enabled:
+        g = cfg.grace
+        stages.append(Stage("grace", "GRACE gradients", cfg.student, {
+            **likelihood(cfg.student), "version": GRACE_VERSION, "dim": g.dim, "seed": g.seed}))
     return stages
 
 
@@ -204,12 +217,42 @@ def likelihood_scorer(model_spec: str, cfg: RankConfig, device: str | None = Non
     return meta, score, loaded
 
 
-def reward_scorer(cfg: RankConfig, device: str | None = None, processes: int = 1) -> tuple[dict, Scorer, Any]:
+def gradient_scorer(model_spec: str, cfg: RankConfig, device: str | None = None) -> tuple[dict, Scorer, Any]:
+    """GRACE's input: the untuned student's gradient on each (instruction, response), projected to
+    ``grace.dim`` numbers (``scoring.GradientSketch``); the example tokenized as for the student's loss."""
+    from teacherfit.models import load_model
+    from teacherfit.scoring import GradientSketch, context_of
+
+    loaded = load_model(model_spec, device=device or cfg.models.device, dtype=cfg.models.dtype,
+                        trust_remote_code=cfg.models.trust_remote_code)
+    tok, model = loaded.tokenizer, loaded.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()  # no dropout: the gradient of the weights as they are
+    max_length = min(cfg.max_length, context_of(model) or cfg.max_length)
+    sketch = GradientSketch(model, cfg.grace.dim, cfg.grace.seed)
+    meta = {"model": loaded.provenance, "dim": cfg.grace.dim, "weights": sketch.n_weights, "max_length": max_length}
+
+    def score(records: list[Record], advance) -> list[dict[str, Any]]:
+        out = []
+        for r in records:
+            ex = tokenize_example(tok, r.messages, max_length=max_length)
+            grad = sketch.project(ex.input_ids, ex.labels) if ex.n_response_tokens else [math.nan] * cfg.grace.dim
+            out.append({"grad": grad})
+            advance(1, len(ex.input_ids))
+        return out
+
+    return meta, score, (loaded, sketch)
+
+
+def reward_scorer(cfg: RankConfig, device: str | None = None, processes: int = 1,
+                  reward_cfg=None) -> tuple[dict, Scorer, Any]:
     """``device``: this process's device; ``processes``: how many share the rows (a remote judge's requests in
-    flight are shared out too, so that all of them together keep to ``remote.concurrency``)."""
+    flight are shared out too, so that all of them together keep to ``remote.concurrency``); ``reward_cfg``:
+    the reward source (default ``cfg.reward``)."""
     from teacherfit.rewards import make_reward
 
-    reward_cfg, models = cfg.reward, cfg.models
+    reward_cfg, models = reward_cfg or cfg.reward, cfg.models
     if reward_cfg.kind == "openai_judge" and processes > 1:
         each = max(1, -(-reward_cfg.remote.concurrency // processes))
         remote = reward_cfg.remote.model_copy(update={"concurrency": each})
@@ -313,8 +356,12 @@ def run_stage(stage: Stage, sets: dict[str, list[Record]], cfg: RankConfig, scor
 
                 resolve_model(stage.model)  # a GGUF is converted once, here, before every process loads it
             procs.barrier()
-        meta, score, held = (likelihood_scorer(stage.model, cfg, procs.device) if stage.name != "reward"
-                             else reward_scorer(cfg, procs.device, procs.world))
+        if stage.name in ("student", "ref"):
+            meta, score, held = likelihood_scorer(stage.model, cfg, procs.device)
+        elif stage.name == "grace":
+            meta, score, held = gradient_scorer(stage.model, cfg, procs.device)
+        else:
+            meta, score, held = reward_scorer(cfg, procs.device, procs.world, getattr(cfg, stage.name))
         if procs.main:
             before = stage.path(scores)
             stage.pin(meta.get("model") or meta["reward"])
@@ -330,7 +377,7 @@ def run_stage(stage: Stage, sets: dict[str, list[Record]], cfg: RankConfig, scor
                           "to score", highlight=False)
         store = ResumableJsonl(path if procs.world == 1 else shard_path(path, procs.rank), KEY_FIELDS)
         try:
-            passes = 2 if stage.name != "reward" else 1
+            passes = 2 if stage.name in ("student", "ref") else 1
             label = stage.label if procs.world == 1 else f"{stage.label} (process {procs.rank})"
             with progress_bar(f"{label}: {len(mine)} rows to score", passes * len(mine)) as advance:
                 for at in range(0, len(mine), ROWS_PER_CHUNK):
@@ -452,7 +499,62 @@ def aggregate(samples: list[dict], names: list[str], cfg: RankConfig, transform)
     return rows
 
 
-def build_samples(sets: dict[str, list[Record]], student: dict, ref: dict | None, rewards: dict) -> list[dict]:
+def grace_sets(sets: dict[str, list[Record]], cfg: RankConfig) -> dict[str, list[Record]]:
+    """The rows GRACE scores: every teacher's responses to the first ``grace.instructions`` common instructions."""
+    n = cfg.grace.instructions
+    return {name: records[:n] if n else records for name, records in sets.items()}
+
+
+def add_set_metrics(teachers: list[dict], samples: list[dict], names: list[str], cfg: RankConfig,
+                    grace_stage: tuple[dict, dict] | None, notes: list[str]) -> dict[str, Any] | None:
+    """The per-teacher metrics computed from a whole set at once, into ``teachers``' rows: GRAPE's win share (the
+    share of instructions where the student finds this teacher's response the most likely per token), CAR under
+    the second reward, and GRACE from the projected gradients. Returns GRACE's settings for the results."""
+    ids = list(dict.fromkeys(s["id"] for s in samples))
+    col, row_of = {i: k for k, i in enumerate(ids)}, {n: k for k, n in enumerate(names)}
+    logprob = np.full((len(names), len(ids)), np.nan)
+    for s in samples:
+        logprob[row_of[s["teacher"]], col[s["id"]]] = -s["loss_student"]
+    grape = metrics.grape_selection(logprob)
+    by_name = {t["teacher"]: t for t in teachers}
+    for name in names:
+        by_name[name]["grape"] = grape["win_share"][row_of[name]]
+        by_name[name]["grape_wins"] = int(sum(w == row_of[name] for w in grape["winner"]))
+    if cfg.reward_2 is not None:
+        means = [by_name[n]["reward_2"] for n in names]
+        variant = metrics.car_variant_for(means) if cfg.car_variant == "auto" else cfg.car_variant
+        values = (metrics.car_sign_safe(means, [by_name[n]["loss_student"] for n in names], cfg.beta)
+                  if variant == "sign_safe" else [metrics.car(m, by_name[n]["loss_student"], cfg.beta)
+                                                  for m, n in zip(means, names)])
+        for name, v in zip(names, values):
+            by_name[name]["car_2"] = float(v)
+    else:
+        for name in names:
+            by_name[name]["reward_2"] = by_name[name]["car_2"] = math.nan
+    if grace_stage is None:
+        for name in names:
+            by_name[name]["grace"] = math.nan
+        return None
+    meta, rows = grace_stage
+    g = cfg.grace
+    used = {}
+    for name in names:
+        grads = [rows[name, i]["grad"] for i in ids[: g.instructions or len(ids)] if (name, i) in rows]
+        grads = np.asarray([x for x in grads if np.all(np.isfinite(x))], dtype=float)
+        used[name] = len(grads)
+        try:
+            by_name[name]["grace"] = metrics.grace_score(grads, test_fraction=g.test_fraction, n_splits=g.n_splits,
+                                                         smooth=g.smooth)
+        except ValueError as err:
+            by_name[name]["grace"] = math.nan
+            notes.append(f"GRACE of {name}: not computed ({err})")
+    return {"model": meta.get("model"), "dim": g.dim, "weights": meta.get("weights"), "seed": g.seed,
+            "test_fraction": g.test_fraction, "n_splits": g.n_splits, "smooth": g.smooth, "examples": used,
+            "projection": "CountSketch (sparse JL) of the full gradient of the mean token loss"}
+
+
+def build_samples(sets: dict[str, list[Record]], student: dict, ref: dict | None, rewards: dict,
+                  rewards2: dict | None = None) -> list[dict]:
     """One row per (teacher, instruction) from the stages' rows, which are keyed by (teacher, id)."""
     samples = []
     for name, records in sets.items():
@@ -462,6 +564,7 @@ def build_samples(sets: dict[str, list[Record]], student: dict, ref: dict | None
                 "teacher": name,
                 "id": rec.id,
                 "reward": float(rewards[name, rec.id]["reward"]),
+                "reward_2": float(rewards2[name, rec.id]["reward"]) if rewards2 is not None else math.nan,
                 "loss_student": st["loss"],
                 "loss_student_uncond": st["loss_uncond"],
                 "ppl_student": float(metrics.perplexity(st["loss"])),
@@ -509,13 +612,14 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
 def plan_rank(cfg: RankConfig, stages: list[Stage], sets: dict[str, list[Record]], notes: list[str]) -> RankResult:
     """What a run would score, per stage, counting the rows a previous run in the same directory already scored."""
     run_dir = Path(cfg.out or Path("runs") / f"rank-{config_digest(cfg)}").resolve()
-    rows = [row_key(name, rec) for name, records in sets.items() for rec in records]
     plan = []
     for stage in stages:
+        rows = [row_key(name, rec) for name, records in (grace_sets(sets, cfg) if stage.name == "grace" else sets).items()
+                for rec in records]
         cached = _cached_keys(stage.path(run_dir / "scores"))
         plan.append({"stage": stage.label, "model": stage.model or stage.spec.get("model"), "rows": len(rows),
                      "cached": sum(k in cached for k in rows), "to score": sum(k not in cached for k in rows)})
-    console.print(f"rank --dry-run (nothing loaded): {len(sets)} teachers x {len(rows) // len(sets)} instructions, "
+    console.print(f"rank --dry-run (nothing loaded): {len(sets)} teachers x {len(next(iter(sets.values())))} instructions, "
                   f"run directory {run_dir}")
     for p in plan:
         console.print(f"  {p['stage']} ({p['model']}): {p['rows']} rows, {p['cached']} cached, "
@@ -526,7 +630,7 @@ def plan_rank(cfg: RankConfig, stages: list[Stage], sets: dict[str, list[Record]
 
 
 TERMINAL_COLUMNS = {"teacher": "teacher", "car": "CAR", "p_best": "P(best)", "reward": "reward",
-                    "loss_student": "L", "length": "len", "ifd_student": "IFD"}
+                    "loss_student": "L", "grape": "GRAPE", "grace": "GRACE", "length": "len"}
 
 
 def print_ranking(results: dict[str, Any], run_dir: Path, out=None) -> None:
@@ -588,7 +692,8 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         (run_dir / "scores").mkdir(exist_ok=True)
     run_dir = procs.from_main(run_dir)
     scores = run_dir / "scores"
-    results_of = {stage.name: run_stage(stage, sets, cfg, scores, procs) for stage in stages}
+    results_of = {stage.name: run_stage(stage, grace_sets(sets, cfg) if stage.name == "grace" else sets, cfg, scores,
+                                        procs) for stage in stages}
     procs.close()
     if not procs.main:
         return RankResult(run_dir, [], [], "", notes)
@@ -597,13 +702,15 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         notes.append(f"the student {cfg.student} has no chat template: the documented plain template was used")
     ref_meta, ref = results_of.get("ref", (None, None))
     reward_meta, rewards = results_of["reward"]
-    samples = build_samples(sets, student, ref, rewards)
+    reward2_meta, rewards2 = results_of.get("reward_2", (None, None))
+    samples = build_samples(sets, student, ref, rewards, rewards2)
     unscored = sum(not math.isfinite(s["reward"]) for s in samples)
     if unscored:
         notes.append(f"{unscored} rewards are NaN (judge answers that could not be parsed) and are left out of means")
     per_sample_car(samples, cfg.beta)
     variant, transform = reward_transform(samples, names, cfg)
     teachers = aggregate(samples, names, cfg, transform)
+    grace_meta = add_set_metrics(teachers, samples, names, cfg, results_of.get("grace"), notes)
     notes.append(f"CAR variant: {variant} (beta = {cfg.beta})" + (
         ": some rewards are <= 0, so rewards were mapped to a positive scale across the teachers before dividing"
         if variant == "sign_safe" else ""))
@@ -629,6 +736,8 @@ def run_rank(cfg: RankConfig, dry_run: bool = False) -> RankResult:
         "student": student_meta["model"],
         "reference_lm": ref_meta["model"] if ref_meta else None,
         "reward": reward_meta["reward"],
+        "reward_2": reward2_meta["reward"] if reward2_meta else None,
+        "grace": grace_meta,
         "response_sets": set_paths,
         "recommendation": pick,
         "load_reports": {n: rep.to_dict() for n, rep in reports.items()},

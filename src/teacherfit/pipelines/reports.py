@@ -6,8 +6,8 @@ from typing import Any
 
 from teacherfit import report as R
 
-TEACHER_COLUMNS = ["teacher", "n", "car", "car_low", "car_high", "reward", "loss_student", "length",
-                   "ppl_student", "ifd_student", "ppl_ref", "ifd_ref", "truncated", "empty"]
+TEACHER_COLUMNS = ["teacher", "n", "car", "car_low", "car_high", "reward", "loss_student", "grape", "grace", "length",
+                   "ppl_student", "ifd_student", "ppl_ref", "ifd_ref", "reward_2", "car_2", "truncated", "empty"]
 
 
 def _clip(text: str, limit: int) -> str:
@@ -35,7 +35,9 @@ def rank_report(results: dict[str, Any], samples: list[dict],
     rep.add_table(teachers, _measured(teachers, ["teacher", "n", "car", "car_low", "car_high", "p_best"]
                                       + TEACHER_COLUMNS[5:]),
                   caption="Per-teacher means; CAR with its 95% bootstrap interval; P(best): share of paired bootstrap "
-                          "resamples of the instructions in which the teacher has the highest CAR")
+                          "resamples of the instructions in which the teacher has the highest CAR; GRAPE: share of "
+                          "instructions where the student finds this teacher's response the most likely per token; "
+                          "GRACE: the gradient-based score (lower is better); reward_2, car_2: under the second reward")
     rep.add_image(R.plot_metric_with_ci(teachers, "car", title="CAR per teacher (95% bootstrap interval)",
                                         ylabel="CAR"), alt="CAR per teacher")
     rep.add_image(R.plot_metric_with_ci(teachers, "reward", title="Reward per teacher", ylabel="reward"),
@@ -225,50 +227,111 @@ def evaluate_report(results: dict[str, Any], mtbench_rows: list[dict], pair_item
     return rep
 
 
-STUDY_METRICS = ["car", "reward", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref"]
+STUDY_METRICS = ["car", "reward", "grape", "grace", "length", "loss_student", "ppl_student", "ifd_student", "ppl_ref",
+                 "ifd_ref", "reward_2", "car_2"]
 
 
 def study_report(results: dict[str, Any]) -> R.Report:
+    students = results["students"]
     outcome = results["outcome"]
-    teachers = results["teachers"]
-    corr = results["correlations"]
-    inst = results["instructions"]
-    rep = R.Report("teacherfit study", f"{len(teachers)} teacher settings, student {results['student'].get('model')}, "
-                                       f"outcome: {outcome}")
+    rep = R.Report("teacherfit study", f"{len(results['teacher_settings'])} teacher settings, {len(students)} student"
+                                       f"{'s' if len(students) > 1 else ''}, outcome: {outcome}")
+    rep.add_heading("Which metric to trust")
+    for answer in results["answers"]:
+        rep.add_verdict(answer["text"][0].upper() + answer["text"][1:] + ".", good=bool(answer.get("significant")))
+    rep.add_table(_regret_rows(results), _regret_columns(results),
+                  caption="Per metric: Spearman's rho with the outcome (oriented: positive = agreed), whether it passes "
+                          "the two-sided 5% threshold for this many teachers, the teacher the metric would pick, and its "
+                          "regret (outcome of the best teacher minus outcome of the pick; 0 = it found the best)")
+    for st in students:
+        label = st["student_spec"]
+        noise, mixtures = st.get("noise"), st.get("mixtures") or []
+        if noise:
+            enough = noise["ratio"] < 0.5 if noise["ratio"] == noise["ratio"] else False
+            rep.add_verdict(f"{label}: outcome noise across training seeds (sd {noise['seed_sd']:.3g}) is "
+                            f"{noise['ratio']:.2f}x its spread across teachers (sd {noise['teacher_sd']:.3g}): "
+                            + ("the fine-tunes tell teachers apart" if enough else
+                               "the fine-tunes are too noisy to tell most teachers apart"), good=enough)
+        for mx in mixtures:
+            rep.add_verdict(f"{label}: the {mx['rule']} mixture scored {mx['outcome']:.3g} against the best single "
+                            f"teacher {mx['best_teacher']}'s {mx['best_outcome']:.3g} (rank {mx['rank_among_teachers']} "
+                            f"among the teachers)", good=bool(mx["beats_best"]))
+    if results.get("pooled"):
+        rep.add_table(results["pooled"]["rows"], ["metric", "spearman", "spearman_low", "spearman_high", "mean_regret"],
+                      caption="Pooled over the students: mean Spearman's rho (95% interval resampling teachers, the same "
+                              "for every student) and mean regret")
     rep.add_paragraph(
         "The CAR paper's experiment at this scale: each teacher's responses are scored with every rank metric, the "
         "student is fine-tuned on each teacher's responses with the same budget (sequence-level KD: cross-entropy on "
         "the responses), each fine-tuned student is evaluated, and each metric's ranking of the teachers is compared "
         "with the ranking by outcome. Metrics are oriented so that a positive correlation means the metric agreed "
-        "(lower loss, perplexity and IFD are negated).")
-    rep.add_kv({
-        "student": results["student"], "reference LM": results["reference_lm"] or "none", "reward": results["reward"],
-        "CAR": f"reward / (1 + beta * student loss), beta = {results['beta']}, variant: {results['car_variant']}",
-        "instructions": inst, "fine-tune (every teacher)": results["finetune"], "evaluation": results["evaluation"],
-        "outcome": f"{outcome} (heldout_loss is negated: higher = better)", "seconds": results["seconds"],
-    })
-    for note in results["notes"]:
-        rep.add_note(note)
+        "(lower loss, perplexity, IFD and GRACE are negated).")
     rep.add_heading("Teacher settings")
     rep.add_table(results["teacher_settings"], ["teacher", "backend", "model", "decoding"])
-    rep.add_heading("Metrics and outcomes per teacher")
+    for st in students:
+        _student_section(rep, st, several=len(students) > 1)
+    rep.add_heading("Stages")
+    rep.add_table([{"stage": k, **v} for k, v in results["stages"].items()], ["stage", "seconds", "skipped"],
+                  caption=f"Wall time per stage (for a skipped stage: when it ran); total {results['seconds']:.0f} s")
+    return rep
+
+
+def _regret_rows(results: dict[str, Any]) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for k, st in enumerate(results["students"]):
+        for r in st["trust"]["rows"]:
+            row = rows.setdefault(r["metric"], {"metric": r["metric"]})
+            row.update({f"rho {k}": r["spearman"], f"sig {k}": "yes" if r["significant"] else "no",
+                        f"pick {k}": r["pick"], f"regret {k}": r["regret"]})
+    for r in (results.get("pooled") or {}).get("rows", []):
+        rows[r["metric"]].update({"rho pooled": r["spearman"], "mean regret": r["mean_regret"]})
+    return list(rows.values())
+
+
+def _regret_columns(results: dict[str, Any]) -> list[str]:
+    cols = ["metric"]
+    for k in range(len(results["students"])):
+        cols += [f"rho {k}", f"sig {k}", f"pick {k}", f"regret {k}"]
+    return cols + (["rho pooled", "mean regret"] if results.get("pooled") else [])
+
+
+def _student_section(rep: R.Report, st: dict[str, Any], *, several: bool) -> None:
+    outcome, teachers, corr = st["outcome"], st["teachers"], st["correlations"]
+    label = st["student_spec"]
+    rep.add_heading(f"Student {label}" if several else "Student")
+    rep.add_kv({
+        "student": st["student"], "reference LM": st["reference_lm"] or "none", "judges": st["judges"],
+        "CAR": f"reward / (1 + beta * student loss), beta = {st['beta']}, variant: {st['car_variant']}",
+        "GRACE": st.get("grace") or "not computed",
+        "instructions": st["instructions"], "fine-tune (every arm)": st["finetune"], "evaluation": st["evaluation"],
+        "outcome": f"{outcome} (heldout_loss is negated: higher = better)",
+    })
+    for note in st["notes"]:
+        rep.add_note(note)
     cols = ["teacher", "outcome", "outcome_low", "outcome_high", "outcome_rank"] + STUDY_METRICS + [
         c for c in teachers[0] if c.startswith("outcome_") and c not in ("outcome_low", "outcome_high", "outcome_rank")
     ] + ["finetune_steps", "finetune_final_loss"]
     rep.add_table(teachers, cols, caption=f"Rank metrics (training split) and evaluated outcomes; outcome = {outcome}")
-    if results.get("baseline"):
-        rep.add_table([{"student": "untuned (context, not correlated)", **results["baseline"]}],
+    if st.get("arms"):
+        rep.add_table(st["arms"], ["arm", "outcome", "finetune_steps"],
+                      caption="Fine-tunes beside the single teachers: seed repeats (noise) and per-instruction mixtures")
+    if st.get("baseline"):
+        rep.add_table([{"student": "untuned (context, not correlated)", **st["baseline"]}],
                       caption="The untuned student evaluated the same way")
-    rep.add_image(R.plot_metric_with_ci(teachers, "outcome", title=f"{outcome} of the student fine-tuned on each teacher",
+    rep.add_image(R.plot_metric_with_ci(teachers, "outcome", title=f"{outcome} of {label} fine-tuned on each teacher",
                                         ylabel=outcome), alt="outcome per teacher")
-    rep.add_heading("How well each metric predicted the outcome")
     if "correlations" in corr:
         rep.add_table(corr["correlations"], ["metric", "spearman", "spearman_low", "spearman_high", "kendall",
                                              "kendall_low", "kendall_high", "n"],
                       caption=f"Spearman and Kendall correlation with {outcome} over {corr['n_teachers']} teachers "
-                              "(95% bootstrap intervals)")
+                              f"(95% bootstrap intervals; significant at 5% from |rho| >= "
+                              f"{st['trust']['critical_spearman']:.2f}, |tau| >= {st['trust']['critical_kendall']:.2f})")
         rep.add_image(R.plot_correlations(corr["correlations"], title=f"Spearman's rho with {outcome} (95% bootstrap CI)"),
                       alt="correlations")
+        cvr = st["trust"].get("car_vs_reward")
+        if cvr:
+            rep.add_kv({"CAR minus reward alone (Spearman)": f"{cvr['difference']:.3f} [{cvr['low']:.3f}, {cvr['high']:.3f}] "
+                                                             "(paired bootstrap over teachers)"})
         loo = corr.get("beta_calibration") or {}
         if loo:
             rep.add_kv({"beta on all teachers": loo.get("beta_full"), "beta per held-out teacher": loo.get("betas_loo"),
@@ -277,28 +340,22 @@ def study_report(results: dict[str, Any]) -> R.Report:
         rep.add_note(f"no correlation: {corr.get('error')}")
     rep.add_image(R.plot_metric_scatter(teachers, STUDY_METRICS, "outcome", title=f"Each metric against {outcome}"),
                   alt="metric against outcome")
-    others = {k: v for k, v in results["correlations_by_outcome"].items() if isinstance(v, list)}
+    others = {k: v for k, v in st["correlations_by_outcome"].items() if isinstance(v, list)}
     if others:
         rows = [{"metric": m, **{k: next((r["spearman"] for r in v if r["metric"] == m), None) for k, v in others.items()}}
                 for m in STUDY_METRICS]
         rep.add_table(rows, ["metric", *others], caption="Spearman's rho of each metric with every evaluated signal")
-    if results["pairs"]:
-        rep.add_heading("Larger versus smaller teachers of one family")
-        rep.add_paragraph("Did the larger teacher give the better student, and did each metric prefer the teacher that "
-                          "did (right / wrong)?")
-        rep.add_table(results["pairs"], ["family", "larger", "smaller", "outcome_larger", "outcome_smaller",
-                                         "better_student_from"] + STUDY_METRICS, caption="Larger-versus-smaller pairs")
-    if results["table4"]:
-        rep.add_heading("Next to the paper's Table 4")
-        rep.add_paragraph("The paper: Spearman rho with AP (AlpacaEval 2 LC win rate and Arena-Hard) over 19 open teachers, "
-                          "five base models. 'consistent': the paper's mean lies inside our 95% interval; 'differs': it "
-                          "does not. With a handful of teachers the intervals are wide: read the verdicts with them.")
-        rep.add_table(results["table4"], ["metric", "paper column", "rho (ours)", "low", "high", "kendall (ours)",
-                                          "rho (paper mean)", "paper min", "paper max", "verdict"],
+    if st.get("noise"):
+        rep.add_table(st["noise"]["rows"], ["teacher", "seed_a", "outcome_a", "seed_b", "outcome_b", "abs_difference"],
+                      caption="The same teacher fine-tuned with two training seeds")
+    if st["pairs"]:
+        rep.add_paragraph("Larger versus smaller teachers of one family: did the larger teacher give the better "
+                          "student, and did each metric prefer the teacher that did (right / wrong)?")
+        rep.add_table(st["pairs"], ["family", "larger", "smaller", "outcome_larger", "outcome_smaller",
+                                    "better_student_from"] + STUDY_METRICS, caption="Larger-versus-smaller pairs")
+    if st["table4"]:
+        rep.add_paragraph("Next to the paper's Table 4 (Spearman rho with AP over 19 open teachers, five base models). "
+                          "'consistent': the paper's mean lies inside our 95% interval; 'differs': it does not.")
+        rep.add_table(st["table4"], ["metric", "paper column", "rho (ours)", "low", "high", "kendall (ours)",
+                                     "rho (paper mean)", "paper min", "paper max", "verdict"],
                       caption="Our correlations next to the paper's")
-        rep.add_table([{"base model": k, **v} for k, v in results["paper_table4"].items()],
-                      caption="Xu et al. 2024, Table 4 (Spearman rho with AP)")
-    rep.add_heading("Stages")
-    rep.add_table([{"stage": k, **v} for k, v in results["stages"].items()], ["stage", "seconds", "skipped"],
-                  caption="Wall time per stage (for a skipped stage: when it ran)")
-    return rep

@@ -196,19 +196,40 @@ def generate_config(cfg: StudyConfig, train: Path, run_dir: Path) -> GenerateCon
                                           "out": str(run_dir / "generate")})
 
 
-def rank_config(cfg: StudyConfig, run_dir: Path) -> RankConfig:
-    return RankConfig.model_validate({**_dump(cfg.rank), "student": cfg.student, "responses": [],
-                                      "generate_run": str(run_dir / "generate"), "out": str(run_dir / "rank")})
+def rank_config(cfg: StudyConfig, run_dir: Path, student: str | None = None, base: Path | None = None) -> RankConfig:
+    """``run_dir``: the study's (its generate stage); ``base``: this student's part of it (``run_dir`` alone)."""
+    return RankConfig.model_validate({**_dump(cfg.rank), "student": student or cfg.students[0], "responses": [],
+                                      "generate_run": str(run_dir / "generate"), "out": str((base or run_dir) / "rank")})
 
 
-def finetune_config(cfg: StudyConfig, teacher: str, run_dir: Path) -> DistillConfig:
-    path = run_dir / "generate" / "responses" / f"{teacher}.jsonl"
-    return DistillConfig.model_validate({**_dump(cfg.finetune), "student": cfg.student,
-                                         "data": {**_dump(cfg.finetune.data), "responses": [{"name": teacher, "path": str(path)}]},
-                                         "out": str(run_dir / "finetune" / teacher)})
+SEED_ARM, MIX_ARM = "@seed", "mix-"
+
+
+def arms(cfg: StudyConfig) -> list[str]:
+    """What is fine-tuned: every teacher, each seed repeat (``<teacher>@seed<train.seed + 1>``) and each mixture
+    (``mix-car``, ``mix-grape``). Only the teachers are correlated; the others answer their own questions."""
+    repeat = cfg.finetune.train.seed + 1
+    return ([t.name for t in cfg.teachers] + [f"{t}{SEED_ARM}{repeat}" for t in cfg.seed_repeats]
+            + [f"{MIX_ARM}{rule}" for rule in cfg.mixtures])
+
+
+def finetune_config(cfg: StudyConfig, arm: str, run_dir: Path, student: str | None = None,
+                    base: Path | None = None) -> DistillConfig:
+    data = _dump(cfg.finetune.data)
+    train = _dump(cfg.finetune.train)
+    if arm.startswith(MIX_ARM):
+        data.update(best_of_rank=str((base or run_dir) / "rank"), best_of_rank_rule=arm[len(MIX_ARM):])
+    else:
+        teacher, _, seed = arm.partition(SEED_ARM)
+        if seed:
+            train["seed"] = int(seed)
+        data["responses"] = [{"name": teacher, "path": str(run_dir / "generate" / "responses" / f"{teacher}.jsonl")}]
+    return DistillConfig.model_validate({**_dump(cfg.finetune), "student": student or cfg.students[0], "data": data,
+                                         "train": train, "out": str((base or run_dir) / "finetune" / arm)})
 
 
 def evaluate_config(cfg: StudyConfig, model: str, name: str, heldout: Path | None, run_dir: Path) -> EvaluateConfig:
+    """``run_dir``: where this student's evaluations go (the study's, or its student's part of it)."""
     values = _dump(cfg.evaluate)
     if values["pairwise"].get("instructions") is None and heldout is not None:
         values["pairwise"]["instructions"] = str(heldout)
@@ -230,6 +251,13 @@ def preflight(cfg: StudyConfig) -> None:
         raise ValueError("finetune: the study fine-tunes the student itself on each teacher's responses; "
                          "leave teacher, teacher_cache and student_init unset")
     names = {t.name for t in cfg.teachers}
+    if set(cfg.seed_repeats) - names:
+        raise ValueError(f"seed_repeats: {sorted(set(cfg.seed_repeats) - names)} are not teacher names ({sorted(names)})")
+    if len(set(cfg.mixtures)) != len(cfg.mixtures):
+        raise ValueError(f"mixtures: each rule once ({cfg.mixtures})")
+    clash = [n for n in names if n.startswith(MIX_ARM) or SEED_ARM in n]
+    if clash:
+        raise ValueError(f"teacher names {clash}: 'mix-' and '@seed' name the study's own arms; rename them")
     for pair in cfg.pairs:
         unknown = {pair.larger, pair.smaller} - names
         if unknown:
@@ -241,9 +269,9 @@ def preflight(cfg: StudyConfig) -> None:
     # every model and file found (no weights loaded) and every key variable set, before an hour of generation
     from teacherfit.models import resolve_model
 
-    specs = [cfg.student, cfg.rank.reference_lm]
+    specs = [*cfg.students, cfg.rank.reference_lm]
     specs += [t.model for t in cfg.teachers if t.backend == "transformers"]
-    specs += [cfg.rank.reward.model] if cfg.rank.reward.kind != "openai_judge" else []
+    specs += [r.model for r in (cfg.rank.reward, cfg.rank.reward_2) if r is not None and r.kind != "openai_judge"]
     ev = cfg.evaluate
     judged = ev.mtbench.enabled or (ev.pairwise.enabled and ev.pairwise.judged)
     specs += [ev.judge.model] if judged and ev.judge.backend == "transformers" else []
@@ -255,8 +283,9 @@ def preflight(cfg: StudyConfig) -> None:
             load_records(t.responses, require_response=True, on_error=cfg.generate.on_error)
         elif t.backend == "openai":
             t.remote.check_key()
-    if cfg.rank.reward.remote is not None:
-        cfg.rank.reward.remote.check_key()
+    for r in (cfg.rank.reward, cfg.rank.reward_2):
+        if r is not None and r.remote is not None:
+            r.remote.check_key()
 
 
 # -------------------------------------------------------------------------------------------- analysis
@@ -346,46 +375,84 @@ def table4_comparison(correlations: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def student_dir(run_dir: Path, cfg: StudyConfig, student: str) -> Path:
+    """Where one student's rank, fine-tunes and evaluations go: the run directory itself for a one-student study,
+    ``students/<k>-<name>/`` for each of several."""
+    if len(cfg.students) == 1:
+        return run_dir
+    k = cfg.students.index(student)
+    return run_dir / "students" / f"{k}-{Path(student).name.replace(' ', '_')}"
+
+
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
     preflight(cfg)
     run_dir = prepare_run_dir(cfg, "study")
     clock = time.perf_counter()
     timings: dict[str, dict] = {}
-    notes: list[str] = []
     split = split_instructions(cfg, run_dir)
     console.print(f"study: {split['n_train']} training and {split['n_heldout']} held-out instructions ({split['source']})")
-    from teacherfit.pipelines.distill import run_distill
-    from teacherfit.pipelines.evaluate import run_evaluate
     from teacherfit.pipelines.generate import run_generate
-    from teacherfit.pipelines.rank import run_rank
 
-    # 1-2. responses, then every rank metric
+    # 1. responses, once for every student
     gen_cfg = generate_config(cfg, split["train"], run_dir)
     run_stage(run_dir / "generate", gen_cfg, lambda: run_generate(gen_cfg), timings, "generate")
-    rank_cfg = rank_config(cfg, run_dir)
-    run_stage(run_dir / "rank", rank_cfg, lambda: run_rank(rank_cfg), timings, "rank", every_process=True)
-    ranked = json.loads((run_dir / "rank" / "results.json").read_text())
+    per_student = [study_student(cfg, student, run_dir, split, timings) for student in cfg.students]
+    if _process()[0] != 0:
+        return {"run_dir": str(run_dir), "main_process": False}
+    results = dict(per_student[0]) if len(per_student) == 1 else {"outcome": cfg.outcome}
+    results.update({
+        "students": per_student,
+        "pooled": pooled_analysis(per_student, cfg) if len(per_student) > 1 else None,
+        "instructions": per_student[0]["instructions"],
+        "teacher_settings": [_setting(t, cfg) for t in cfg.teachers],
+        "stages": timings,
+        "seconds": round(time.perf_counter() - clock, 1),
+    })
+    results["answers"] = answers(results)
+    atomic_write_json(run_dir / "results.json", results)
+    from teacherfit.pipelines.reports import study_report
+
+    study_report(results).write(run_dir / "report.html")
+    _print_summary(results)
+    console.print(f"results: {run_dir}")
+    results["run_dir"] = str(run_dir)
+    return results
+
+
+def study_student(cfg: StudyConfig, student: str, run_dir: Path, split: dict, timings: dict) -> dict[str, Any]:
+    """Rank, fine-tune every arm, evaluate and analyse for one student; its stages are named after it when the
+    study has several."""
+    from teacherfit.pipelines.distill import run_distill
+    from teacherfit.pipelines.evaluate import run_evaluate
+    from teacherfit.pipelines.rank import run_rank
+
+    base = student_dir(run_dir, cfg, student)
+    tag = "" if base == run_dir else f" [{base.name}]"
+    notes: list[str] = []
+    rank_cfg = rank_config(cfg, run_dir, student, base)
+    run_stage(base / "rank", rank_cfg, lambda: run_rank(rank_cfg), timings, f"rank{tag}", every_process=True)
+    ranked = json.loads((base / "rank" / "results.json").read_text())
     names = [t.name for t in cfg.teachers]
 
-    # 3. a fine-tune per teacher, same budget
+    # a fine-tune per arm (teachers, seed repeats, mixtures), the same budget
     finetunes: dict[str, dict] = {}
-    for name in names:
-        ft_cfg = finetune_config(cfg, name, run_dir)
-        run_stage(run_dir / "finetune" / name, ft_cfg, lambda c=ft_cfg: run_distill(c, resume=True), timings,
-                  f"finetune {name}", every_process=True)
-        finetunes[name] = json.loads((run_dir / "finetune" / name / "summary.json").read_text())
-    if _process()[0] != 0:  # what follows (evaluation, correlations, the report) is the main process's
-        return {"run_dir": str(run_dir), "main_process": False}
+    for arm in arms(cfg):
+        ft_cfg = finetune_config(cfg, arm, run_dir, student, base)
+        run_stage(base / "finetune" / arm, ft_cfg, lambda c=ft_cfg: run_distill(c, resume=True), timings,
+                  f"finetune {arm}{tag}", every_process=True)
+        finetunes[arm] = json.loads((base / "finetune" / arm / "summary.json").read_text())
+    if _process()[0] != 0:  # what follows (evaluation, correlations) is the main process's
+        return {}
 
-    # 4. an evaluation per fine-tuned student (and the untuned one, for context)
+    # an evaluation per fine-tuned student (and the untuned one, for context)
     evaluations: dict[str, dict] = {}
-    students = [(n, finetunes[n]["model_dir"]) for n in names] + ([(BASELINE, cfg.student)] if cfg.baseline else [])
-    for name, model in students:
-        ev_cfg = evaluate_config(cfg, model, name, split["heldout"], run_dir)
-        run_stage(run_dir / "evaluate" / name, ev_cfg, lambda c=ev_cfg: run_evaluate(c), timings, f"evaluate {name}")
-        evaluations[name] = json.loads((run_dir / "evaluate" / name / "results.json").read_text())
+    models = [(a, finetunes[a]["model_dir"]) for a in arms(cfg)] + ([(BASELINE, student)] if cfg.baseline else [])
+    for name, model in models:
+        ev_cfg = evaluate_config(cfg, model, name, split["heldout"], base)
+        run_stage(base / "evaluate" / name, ev_cfg, lambda c=ev_cfg: run_evaluate(c), timings, f"evaluate {name}{tag}")
+        evaluations[name] = json.loads((base / "evaluate" / name / "results.json").read_text())
 
-    # 5. how well each metric predicted the outcome
+    # how well each metric predicted the outcome
     outcomes = outcome_table(names, evaluations)
     if cfg.outcome not in outcomes:
         raise ValueError(f"outcome {cfg.outcome!r} was not measured by this evaluation config (measured: "
@@ -398,16 +465,31 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     teachers = _teacher_rows(ranked["teachers"], names, outcomes, evaluations, finetunes, cfg.outcome)
     baseline = ({kind: _read_outcome(kind, evaluations[BASELINE]) for kind in OUTCOME_READERS}
                 if cfg.baseline else None)
-    pairs = pair_checks(cfg.pairs, ranked["teachers"], outcomes[cfg.outcome])
+    primary_outcomes = outcomes[cfg.outcome]
+    pairs = pair_checks(cfg.pairs, ranked["teachers"], primary_outcomes)
     table4 = table4_comparison(primary["correlations"]) if "correlations" in primary else []
+    extra = {a: _read_outcome(cfg.outcome, evaluations[a]) for a in arms(cfg) if a not in names}
+    trust = metric_trust(ranked["teachers"], primary_outcomes, primary, cfg)
+    noise = outcome_noise(primary_outcomes, extra, cfg)
+    mixtures = mixture_check(primary_outcomes, extra, cfg)
     notes += _findings(primary, pairs, cfg.outcome)
     if ranked["car_variant"] == "sign_safe":
         notes.append("CAR used the sign-safe variant (some rewards <= 0)")
-
-    results = {
+    judges = {"rank reward": ranked["reward"], "rank reward_2": ranked.get("reward_2"),
+              "outcome": evaluations[names[0]].get("reward") or evaluations[names[0]].get("judge")}
+    if cfg.outcome.startswith("reward") and cfg.evaluate.reward is not None and cfg.evaluate.reward == cfg.rank.reward:
+        notes.append("the rank reward and the outcome come from the same reward source: the reward's and CAR's "
+                     "correlations with the outcome are inflated by construction (set rank.reward_2 or another "
+                     "evaluate.reward)")
+    return {
         "student": ranked["student"],
+        "student_spec": student,
+        "dir": str(base),
         "reference_lm": ranked["reference_lm"],
         "reward": ranked["reward"],
+        "reward_2": ranked.get("reward_2"),
+        "grace": ranked.get("grace"),
+        "judges": judges,
         "beta": ranked["beta"],
         "car_variant": ranked["car_variant"],
         "outcome": cfg.outcome,
@@ -417,25 +499,144 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
         "finetune": {"kd_lambda": 0.0, "train": cfg.finetune.train.model_dump(), "lora": cfg.finetune.lora and cfg.finetune.lora.model_dump()},
         "evaluation": {"judge": evaluations[names[0]].get("judge"), "signals": sorted(outcomes)},
         "teachers": teachers,
+        "arms": [{"arm": a, "outcome": v, "finetune_steps": finetunes[a].get("steps")} for a, v in extra.items()],
         "baseline": baseline,
         "correlations": primary,
         "correlations_by_outcome": {k: v.get("correlations", v) for k, v in by_outcome.items()},
         "beta_by_outcome": {k: v.get("beta_calibration") for k, v in by_outcome.items()},
+        "trust": trust,
+        "noise": noise,
+        "mixtures": mixtures,
         "pairs": pairs,
         "table4": table4,
         "paper_table4": metrics.PAPER_TABLE4,
-        "stages": timings,
-        "seconds": round(time.perf_counter() - clock, 1),
         "notes": notes,
     }
-    atomic_write_json(run_dir / "results.json", results)
-    from teacherfit.pipelines.reports import study_report
 
-    study_report(results).write(run_dir / "report.html")
-    _print_summary(results)
-    console.print(f"results: {run_dir}")
-    results["run_dir"] = str(run_dir)
-    return results
+
+def _oriented(rank_teachers: list[dict], metric: str, names: list[str]) -> list[float]:
+    by_name = {t["teacher"]: t for t in rank_teachers}
+    return [metrics.METRIC_DIRECTION.get(metric, 1) * by_name[n].get(metric, math.nan) for n in names]
+
+
+def metric_trust(rank_teachers: list[dict], outcomes: dict[str, float], primary: dict, cfg: StudyConfig) -> dict[str, Any]:
+    """Per metric: its correlations (from ``primary``), whether they pass the significance threshold for this many
+    teachers, the regret of its pick, and CAR against reward alone (paired bootstrap over teachers)."""
+    names = [t for t, v in outcomes.items() if math.isfinite(v)]
+    n = len(names)
+    rows = []
+    for corr in primary.get("correlations", []):
+        m = corr["metric"]
+        pick = metrics.pick_regret({t: v for t, v in zip(names, _oriented(rank_teachers, m, names))},
+                                   {t: outcomes[t] for t in names})
+        rows.append({**{k: corr.get(k) for k in ("metric", "spearman", "spearman_low", "spearman_high", "kendall",
+                                                   "kendall_low", "kendall_high", "n")},
+                     "significant": bool(abs(corr["spearman"]) >= metrics.critical_correlation(corr["n"]))
+                     if math.isfinite(corr["spearman"]) else False,
+                     "pick": pick["pick"], "pick_rank": pick["pick_rank"], "regret": pick["regret"]})
+    outcome_values = [outcomes[t] for t in names]
+    car_vs_reward = None
+    if n >= 3 and {"car", "reward"} <= {r["metric"] for r in rows}:
+        car_vs_reward = dict(zip(("difference", "low", "high"), metrics.paired_corr_difference(
+            _oriented(rank_teachers, "car", names), _oriented(rank_teachers, "reward", names), outcome_values,
+            n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)))
+    spread = float(max(outcome_values) - min(outcome_values)) if outcome_values else math.nan
+    return {"n_teachers": n, "critical_spearman": metrics.critical_correlation(n),
+            "critical_kendall": metrics.critical_correlation(n, "kendall"), "rows": rows,
+            "car_vs_reward": car_vs_reward, "outcome_range": spread,
+            "best_teacher": max(names, key=lambda t: outcomes[t]) if names else None}
+
+
+def outcome_noise(outcomes: dict[str, float], extra: dict[str, float], cfg: StudyConfig) -> dict[str, Any] | None:
+    """The outcome's spread across two training seeds of one teacher, against its spread across teachers: the
+    fine-tunes can tell teachers apart only if the first is well under the second."""
+    if not cfg.seed_repeats:
+        return None
+    repeat = cfg.finetune.train.seed + 1
+    rows = []
+    for t in cfg.seed_repeats:
+        a, b = outcomes.get(t, math.nan), extra.get(f"{t}{SEED_ARM}{repeat}", math.nan)
+        rows.append({"teacher": t, "seed_a": cfg.finetune.train.seed, "outcome_a": a, "seed_b": repeat,
+                     "outcome_b": b, "abs_difference": abs(a - b)})
+    values = np.array([v for v in outcomes.values() if math.isfinite(v)])
+    sd_teachers = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    diffs = [r["abs_difference"] for r in rows if math.isfinite(r["abs_difference"])]
+    # two seeds of one teacher differ by |a - b|; for the sd of one fine-tune's outcome: |a - b| / sqrt(2)
+    seed_sd = float(np.sqrt(np.mean(np.square(diffs)) / 2)) if diffs else math.nan
+    return {"rows": rows, "seed_sd": seed_sd, "teacher_sd": sd_teachers,
+            "teacher_range": float(values.max() - values.min()) if len(values) else math.nan,
+            "ratio": seed_sd / sd_teachers if sd_teachers else math.nan}
+
+
+def mixture_check(outcomes: dict[str, float], extra: dict[str, float], cfg: StudyConfig) -> list[dict]:
+    """Each mixture's outcome against the best single teacher's."""
+    finite = {t: v for t, v in outcomes.items() if math.isfinite(v)}
+    if not finite:
+        return []
+    best = max(finite, key=finite.get)
+    return [{"mixture": f"{MIX_ARM}{rule}", "rule": rule, "outcome": extra.get(f"{MIX_ARM}{rule}", math.nan),
+             "best_teacher": best, "best_outcome": finite[best],
+             "beats_best": extra.get(f"{MIX_ARM}{rule}", math.nan) > finite[best],
+             "rank_among_teachers": 1 + sum(v > extra.get(f"{MIX_ARM}{rule}", math.nan) for v in finite.values())}
+            for rule in cfg.mixtures]
+
+
+def pooled_analysis(per_student: list[dict], cfg: StudyConfig) -> dict[str, Any]:
+    """Every metric over all students: the mean of the per-student Spearman correlations, with a bootstrap interval
+    that resamples teachers (the same teachers for every student: they answered the same instructions), and the
+    mean regret."""
+    names = [t.name for t in cfg.teachers]
+    metric_names = [r["metric"] for r in per_student[0]["trust"]["rows"]]
+    rows = []
+    for m in metric_names:
+        xs, ys = [], []
+        for st in per_student:
+            outcome = {t["teacher"]: t["outcome"] for t in st["teachers"]}
+            by_name = {t["teacher"]: t for t in st["teachers"]}
+            xs.append([metrics.METRIC_DIRECTION.get(m, 1) * by_name[n].get(m, math.nan) for n in names])
+            ys.append([outcome[n] for n in names])
+        rho, low, high = metrics.pooled_spearman(xs, ys, n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)
+        regrets = [next(r["regret"] for r in st["trust"]["rows"] if r["metric"] == m) for st in per_student]
+        rows.append({"metric": m, "spearman": rho, "spearman_low": low, "spearman_high": high,
+                     "per_student": [next(r["spearman"] for r in st["trust"]["rows"] if r["metric"] == m)
+                                     for st in per_student],
+                     "mean_regret": float(np.mean(regrets)), "regrets": regrets})
+    return {"students": [st["student_spec"] for st in per_student], "rows": rows}
+
+
+def answers(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the report leads with, per student (and pooled): the metric to trust, how sure, and its regret."""
+    out = []
+    for st in results["students"]:
+        trust = st["trust"]
+        rows = [r for r in trust["rows"] if r["spearman"] is not None and math.isfinite(r["spearman"])]
+        if not rows:
+            out.append({"student": st["student_spec"], "text": "no metric could be correlated with the outcome"})
+            continue
+        best = max(rows, key=lambda r: (r["spearman"], -r["regret"]))
+        sure = ("significant" if best["significant"] else "not significant") + (
+            f" at {trust['n_teachers']} teachers (|rho| >= {trust['critical_spearman']:.2f} needed)")
+        zero_regret = [r["metric"] for r in rows if r["regret"] == 0]
+        text = (f"trust {best['metric']} most for {st['student_spec']}: Spearman {best['spearman']:.2f} "
+                f"[{best['spearman_low']:.2f}, {best['spearman_high']:.2f}], {sure}; its pick "
+                f"{best['pick']} is rank {best['pick_rank']} of {trust['n_teachers']} (regret {best['regret']:.3g})")
+        if not best["significant"] or (math.isfinite(best["spearman_low"]) and best["spearman_low"] <= 0):
+            text += "; the interval includes no agreement: no metric is shown to rank teachers for this student"
+        out.append({"student": st["student_spec"], "metric": best["metric"], "spearman": best["spearman"],
+                    "significant": best["significant"], "zero_regret": zero_regret, "text": text})
+    pooled = results.get("pooled")
+    if pooled:
+        rows = [r for r in pooled["rows"] if math.isfinite(r["spearman"])]
+        if rows:
+            best = max(rows, key=lambda r: r["spearman"])
+            low_regret = min(rows, key=lambda r: r["mean_regret"])
+            out.append({"student": "pooled", "metric": best["metric"], "spearman": best["spearman"],
+                        "significant": bool(best["spearman_low"] > 0),
+                        "text": f"pooled over {len(pooled['students'])} students: {best['metric']} agrees best "
+                                f"(mean Spearman {best['spearman']:.2f} [{best['spearman_low']:.2f}, "
+                                f"{best['spearman_high']:.2f}]); lowest mean regret: {low_regret['metric']} "
+                                f"({low_regret['mean_regret']:.3g})"})
+    return out
 
 
 def _setting(t, cfg: StudyConfig) -> dict[str, Any]:
@@ -486,11 +687,13 @@ def _findings(primary: dict, pairs: list[dict], outcome: str) -> list[str]:
 
 
 def _print_summary(results: dict) -> None:
-    cols = ["teacher", "car", "reward", "loss_student", "length", "outcome", "outcome_rank"]
-    console.print(rich_table(results["teachers"], cols, title=f"teachers; outcome = {results['outcome']}"))
-    corr = results["correlations"]
-    if "correlations" in corr:
-        console.print(rich_table(corr["correlations"], ["metric", "spearman", "spearman_low", "spearman_high", "kendall"],
-                                 title=f"correlation with {results['outcome']} over {corr['n_teachers']} teachers"))
-    for note in results["notes"]:
-        console.print(f"[yellow]note:[/] {note}")
+    for st in results["students"]:
+        cols = ["teacher", "car", "reward", "grape", "grace", "outcome", "outcome_rank"]
+        console.print(rich_table(st["teachers"], cols, title=f"{st['student_spec']}: teachers; outcome = {st['outcome']}"))
+        console.print(rich_table(st["trust"]["rows"], ["metric", "spearman", "spearman_low", "spearman_high", "regret"],
+                                 title=f"{st['student_spec']}: correlation with {st['outcome']} over "
+                                       f"{st['trust']['n_teachers']} teachers, and the regret of each metric's pick"))
+        for note in st["notes"]:
+            console.print(f"[yellow]note:[/] {note}")
+    for answer in results["answers"]:
+        console.print(f"[bold]{answer['text']}[/]")
