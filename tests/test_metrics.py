@@ -367,9 +367,11 @@ def test_paper_table4_mean_row_matches_the_five_bases():
 def test_metric_direction_covers_the_ranked_metrics():
     assert set(METRIC_DIRECTION) == {
         "car", "reward", "length", "ppl_student", "ppl_ref", "ifd_student", "ifd_ref", "loss_student",
+        "grape", "grace", "reward_2", "car_2",
     }
     assert all(d in (-1, 1) for d in METRIC_DIRECTION.values())
     assert METRIC_DIRECTION["car"] == 1 and METRIC_DIRECTION["loss_student"] == -1
+    assert METRIC_DIRECTION["grape"] == 1 and METRIC_DIRECTION["grace"] == -1  # GRACE: lower is better
 
 
 def test_default_grid_is_zero_plus_log_grid():

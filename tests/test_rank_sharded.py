@@ -21,7 +21,7 @@ from test_rank_resume import ANSWERS, QUESTIONS  # the same response sets as the
 from tiny import save_tiny, tiny_llama, tiny_qwen2, tiny_reward_model
 
 N_ROWS = 15  # 3 teachers x 5 instructions
-STAGES = {"student": "student", "ref": "reference LM", "reward": "reward"}
+STAGES = {"student": "student", "ref": "reference LM", "reward": "reward", "grace": "GRACE gradients"}
 SCORES = ("reward", "loss_student", "loss_student_uncond", "loss_ref", "loss_ref_uncond", "car", "ppl_student",
           "ifd_student", "ppl_ref", "ifd_ref", "length")
 
@@ -89,10 +89,12 @@ def assert_same_run(run_dir, single):
     a, b = (json.loads((d / "teachers.json").read_text()) for d in (run_dir, single))
     assert [t["teacher"] for t in a] == [t["teacher"] for t in b]
     assert [t["car"] for t in a] == pytest.approx([t["car"] for t in b], rel=1e-6)
+    assert [t["grape"] for t in a] == [t["grape"] for t in b]
+    assert [t["grace"] for t in a] == pytest.approx([t["grace"] for t in b], rel=1e-4)  # the gradients of shards
     # each output once, no file of a process left over, every stage's file whole and without duplicates
     assert {p.name for p in run_dir.iterdir()} == {p.name for p in single.iterdir()}
     scores = sorted(p.name for p in (run_dir / "scores").iterdir())
-    assert scores == sorted(p.name for p in (single / "scores").iterdir()) and len(scores) == 6, scores
+    assert scores == sorted(p.name for p in (single / "scores").iterdir()) and len(scores) == 8, scores
     for path in (run_dir / "scores").glob("*.jsonl"):
         keys = [(r["teacher"], r["id"], r["content"]) for r in map(json.loads, path.read_text().splitlines())]
         assert len(keys) == len(set(keys)) == N_ROWS, path.name
@@ -100,7 +102,7 @@ def assert_same_run(run_dir, single):
 
 def shares(output: str) -> dict:
     """{(process, stage label): (its rows, rows to score)} from the processes' lines."""
-    found = re.findall(r"process (\d) of 2: (student|reference LM|reward): (\d+) of (\d+) rows to score", output)
+    found = re.findall(r"process (\d) of 2: (student|reference LM|reward|GRACE gradients): (\d+) of (\d+) rows to score", output)
     return {(int(p), stage): (int(mine), int(todo)) for p, stage, mine, todo in found}
 
 
@@ -125,6 +127,7 @@ def test_a_killed_sharded_run_resumes_from_its_shards(ws):
         lines = path.read_text().splitlines(keepends=True)
         stale = json.loads(lines[0])
         stale.update({k: -1.0 for k in ("loss", "loss_uncond", "reward") if k in stale})
+        stale.update({"grad": [-1.0] * len(stale["grad"])} if "grad" in stale else {})
         (run_dir / "scores" / path.name).write_text("".join(lines[:4]))
         rank.shard_path(run_dir / "scores" / path.name, 0).write_text("".join(lines[4:7]))
         rank.shard_path(run_dir / "scores" / path.name, 2).write_text(
@@ -153,7 +156,7 @@ def test_one_process_takes_the_rows_of_a_sharded_run(ws, monkeypatch):
 
     monkeypatch.setattr(rank.ResumableJsonl, "append", count)
     ranked(ws, run_dir)
-    assert sorted(scored) == ["ref", "reward", "student"]  # per stage, only the row no shard held
+    assert sorted(scored) == ["grace", "ref", "reward", "student"]  # per stage, only the row no shard held
     assert_same_run(run_dir, single)
 
 
