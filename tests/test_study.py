@@ -323,3 +323,56 @@ def test_every_process_stage_runs_everywhere_and_a_main_failure_reaches_the_othe
     assert (tmp_path / "stage.failed").read_text() == f"{digest} ValueError: bad reward model"
     assert study.run_stage(tmp_path, _stage_cfg(), lambda: calls.append("rank 0"), {}, "rank", every_process=True)
     assert not (tmp_path / "stage.failed").exists() and calls == ["rank 1", "rank 0"]
+
+
+# ------------------------------------------------------------------------------- several students, pooled
+
+@pytest.fixture(scope="module")
+def two_students(study_workspace, tokenizer, tmp_path_factory):
+    root, path = study_workspace
+    config = yaml.safe_load(path.read_text())
+    student2 = save_tiny(tiny_qwen2(tokenizer, seed=8), tokenizer, root / "student2")
+    config.update(student=[config["student"], str(student2)], teachers=config["teachers"][:3] + [
+        {"name": "short-2", "backend": "file", "responses": "short.jsonl"}], seed_repeats=[], mixtures=[],
+        pairs=[], baseline=False)
+    config["evaluate"]["pairwise"]["judged"] = False
+    config["finetune"]["train"]["max_steps"] = 1
+    two = root / "two.yaml"
+    two.write_text(yaml.safe_dump(config, sort_keys=False))
+    return load_config(StudyConfig, two, [f"out={root / 'two'}"]), root / "two"
+
+
+def test_two_students_share_the_responses_and_rewards_and_are_pooled(two_students, monkeypatch):
+    from teacherfit.pipelines import rank, study
+
+    cfg, out = two_students
+    reward_runs = []
+    real = rank.reward_scorer
+    monkeypatch.setattr(rank, "reward_scorer", lambda *a, **k: (reward_runs.append(1), real(*a, **k))[1])
+    results = study.run_study(cfg)
+    dirs = [out / "students" / f"{k}-{Path(s).name}" for k, s in enumerate(cfg.students)]
+    assert [st["dir"] for st in results["students"]] == [str(d) for d in dirs]
+    for d in dirs:
+        assert (d / "rank" / "results.json").exists() and (d / "evaluate" / "short" / "results.json").exists()
+    # the rewards (and reward_2, and the reference LM's scores) do not depend on the student: scored once
+    assert len(reward_runs) == 2  # reward and reward_2, for the first student only
+    for stage in ("reward-", "reward_2-", "ref-"):
+        (a,) = (dirs[0] / "rank" / "scores").glob(f"{stage}*.jsonl")
+        assert (dirs[1] / "rank" / "scores" / a.name).read_text() == a.read_text()
+    # pooled: the mean of the two students' Spearman correlations, per metric
+    names = [t.name for t in cfg.teachers]
+    for row in results["pooled"]["rows"]:
+        m = row["metric"]
+        rhos = []
+        for st in results["students"]:
+            by = {t["teacher"]: t for t in st["teachers"]}
+            rhos.append(metrics.spearman([metrics.METRIC_DIRECTION[m] * by[n][m] for n in names],
+                                         [by[n]["outcome"] for n in names]))
+        assert row["per_student"] == pytest.approx(rhos, nan_ok=True)
+        if all(math.isfinite(r) for r in rhos):
+            assert row["spearman"] == pytest.approx(np.mean(rhos))
+        regrets = [next(r["regret"] for r in st["trust"]["rows"] if r["metric"] == m) for st in results["students"]]
+        assert row["mean_regret"] == pytest.approx(np.mean(regrets))
+    assert [a["student"] for a in results["answers"]] == [*cfg.students, "pooled"]
+    html = (out / "report.html").read_text()
+    assert html.count("Student ") >= 2 and "Pooled over the students" in html

@@ -419,6 +419,23 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     return results
 
 
+SHARED_STAGES = ("ref", "reward", "reward_2")  # rank stages whose scores do not depend on the student
+
+
+def share_scores(source: Path, target: Path) -> None:
+    """Hand the first student's scores of the stages that do not depend on the student (the reference LM, the
+    rewards) to the next student's rank run: the file names carry the digest of what the scores depend on, so rank
+    reuses exactly the rows it would compute, and scores nothing twice."""
+    import shutil
+
+    if not source.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.name.split("-")[0] in SHARED_STAGES and ".rank" not in path.name and not (target / path.name).exists():
+            shutil.copyfile(path, target / path.name)
+
+
 def study_student(cfg: StudyConfig, student: str, run_dir: Path, split: dict, timings: dict) -> dict[str, Any]:
     """Rank, fine-tune every arm, evaluate and analyse for one student; its stages are named after it when the
     study has several."""
@@ -430,6 +447,9 @@ def study_student(cfg: StudyConfig, student: str, run_dir: Path, split: dict, ti
     tag = "" if base == run_dir else f" [{base.name}]"
     notes: list[str] = []
     rank_cfg = rank_config(cfg, run_dir, student, base)
+    first = student_dir(run_dir, cfg, cfg.students[0])
+    if base != first and _process()[0] == 0:
+        share_scores(first / "rank" / "scores", base / "rank" / "scores")
     run_stage(base / "rank", rank_cfg, lambda: run_rank(rank_cfg), timings, f"rank{tag}", every_process=True)
     ranked = json.loads((base / "rank" / "results.json").read_text())
     names = [t.name for t in cfg.teachers]
