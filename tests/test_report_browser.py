@@ -99,7 +99,26 @@ def test_study_report_renders_in_headless_chromium(studied, tmp_path):
     # 3 images: outcome per teacher, correlations, metric-vs-outcome scatter
     check_rendered_report(studied[0] / "report.html", tmp_path, title="teacherfit study", min_tables=8, images=3,
                           captions=("Our correlations next to the paper's", "Larger-versus-smaller pairs",
-                                    "Xu et al. 2024, Table 4 (Spearman rho with AP)"))
+                                    "The same teacher fine-tuned with two training seeds"))
+    # it leads with the answers: a verdict naming the metric to trust, then the regret table, before any other table
+    with HeadlessChromium(CHROMIUM) as browser:
+        page = browser.open((studied[0] / "report.html").resolve().as_uri())
+        facts = browser.evaluate(page, STUDY_FACTS)
+    results = json.loads((studied[0] / "results.json").read_text())
+    assert facts["verdicts"][0].lower().startswith(f"trust {results['answers'][0]['metric']}")
+    assert facts["verdictTop"] < facts["firstTableTop"] and facts["firstCaption"].startswith("Per metric: Spearman")
+    assert facts["regretHeader"][:5] == ["metric", "rho 0", "sig 0", "pick 0", "regret 0"]
+    assert len(facts["regretRows"]) == len(results["trust"]["rows"])
+
+
+STUDY_FACTS = """({
+  verdicts: [...document.querySelectorAll('.verdict')].map(v => v.textContent),
+  verdictTop: document.querySelector('.verdict').getBoundingClientRect().top,
+  firstTableTop: document.querySelector('table').getBoundingClientRect().top,
+  firstCaption: document.querySelector('table caption').textContent,
+  regretHeader: [...document.querySelector('table').rows[0].cells].map(c => c.textContent),
+  regretRows: [...document.querySelector('table').rows].slice(1).map(r => r.cells[0].textContent),
+})"""
 
 
 from test_pipelines import generated, ranked, workspace  # noqa: E402,F401  (fixtures: a tiny generate + rank run)

@@ -330,8 +330,9 @@ def _student_section(rep: R.Report, st: dict[str, Any], *, several: bool) -> Non
                       alt="correlations")
         cvr = st["trust"].get("car_vs_reward")
         if cvr:
-            rep.add_kv({"CAR minus reward alone (Spearman)": f"{cvr['difference']:.3f} [{cvr['low']:.3f}, {cvr['high']:.3f}] "
-                                                             "(paired bootstrap over teachers)"})
+            rep.add_paragraph(f"CAR against reward alone: Spearman of CAR minus Spearman of the reward = "
+                              f"{cvr['difference']:.3f}, 95% interval [{cvr['low']:.3f}, {cvr['high']:.3f}] (paired "
+                              "bootstrap over teachers: both correlations on the same resampled teachers).")
         loo = corr.get("beta_calibration") or {}
         if loo:
             rep.add_kv({"beta on all teachers": loo.get("beta_full"), "beta per held-out teacher": loo.get("betas_loo"),
