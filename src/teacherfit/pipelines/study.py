@@ -616,10 +616,10 @@ def pooled_analysis(per_student: list[dict], cfg: StudyConfig) -> dict[str, Any]
             xs.append([metrics.METRIC_DIRECTION.get(m, 1) * by_name[n].get(m, math.nan) for n in names])
             ys.append([outcome[n] for n in names])
         rho, low, high = metrics.pooled_spearman(xs, ys, n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)
-        regrets = [next(r["regret"] for r in st["trust"]["rows"] if r["metric"] == m) for st in per_student]
+        trust = [{r["metric"]: r for r in st["trust"]["rows"]}.get(m, {}) for st in per_student]
+        regrets = [t.get("regret", math.nan) for t in trust]
         rows.append({"metric": m, "spearman": rho, "spearman_low": low, "spearman_high": high,
-                     "per_student": [next(r["spearman"] for r in st["trust"]["rows"] if r["metric"] == m)
-                                     for st in per_student],
+                     "per_student": [t.get("spearman", math.nan) for t in trust],
                      "mean_regret": float(np.mean(regrets)), "regrets": regrets})
     return {"students": [st["student_spec"] for st in per_student], "rows": rows}
 
