@@ -342,13 +342,22 @@ def two_students(study_workspace, tokenizer, tmp_path_factory):
     return load_config(StudyConfig, two, [f"out={root / 'two'}"]), root / "two"
 
 
+def names_of(cfg) -> list[str]:
+    return [t.name for t in cfg.teachers]
+
+
 def test_two_students_share_the_responses_and_rewards_and_are_pooled(two_students, monkeypatch):
     from teacherfit.pipelines import rank, study
 
+    from teacherfit import rewards
+
     cfg, out = two_students
-    reward_runs = []
+    reward_runs, scored = [], []
     real = rank.reward_scorer
     monkeypatch.setattr(rank, "reward_scorer", lambda *a, **k: (reward_runs.append(1), real(*a, **k))[1])
+    real_score = rewards.ClassifierReward.score
+    monkeypatch.setattr(rewards.ClassifierReward, "score", lambda self, records, on_batch=None: (
+        scored.extend((r.id, r.response) for r in records), real_score(self, records, on_batch))[1])
     results = study.run_study(cfg)
     dirs = [out / "students" / f"{k}-{Path(s).name}" for k, s in enumerate(cfg.students)]
     assert [st["dir"] for st in results["students"]] == [str(d) for d in dirs]
@@ -359,6 +368,12 @@ def test_two_students_share_the_responses_and_rewards_and_are_pooled(two_student
     for stage in ("reward-", "reward_2-", "ref-"):
         (a,) = (dirs[0] / "rank" / "scores").glob(f"{stage}*.jsonl")
         assert (dirs[1] / "rank" / "scores" / a.name).read_text() == a.read_text()
+    # the reference answers of the held-out instructions are rewarded once per student, not once per evaluation
+    held = {json.loads(line)["id"] for line in (out / "data" / "heldout.jsonl").read_text().splitlines()}
+    reference = {r["id"]: r["messages"][-1]["content"] for r in map(json.loads, (out.parent / "long.jsonl").read_text().splitlines())}
+    assert sum(i in held and text == reference[i] for i, text in scored) == 2 * len(held)
+    assert len({p.read_text() for p in out.glob("students/*/evaluate/*/scores/reference-reward-*.json")}) == 1
+    assert len(list(out.glob("students/*/evaluate/*/scores/reference-reward-*.json"))) == 2 * len(names_of(cfg))
     # pooled: the mean of the two students' Spearman correlations, per metric
     names = [t.name for t in cfg.teachers]
     for row in results["pooled"]["rows"]:

@@ -33,7 +33,7 @@ from teacherfit.generation import DecodingConfig
 from teacherfit.pipelines.generate import generate_teacher, make_generator
 from teacherfit.pipelines.rank import write_parquet
 from teacherfit.rewards import _question_text
-from teacherfit.store import ResumableJsonl, atomic_write_json, cached_json
+from teacherfit.store import ResumableJsonl, atomic_write_json, cached_json, sha256_json
 from teacherfit.ui import console, progress_bar, rich_table
 
 JUDGMENT_KEY = ("kind", "item", "turn", "order", "judge")
@@ -207,15 +207,25 @@ def _judgment_row(task: dict, completion, provenance: dict, prompt_source: dict[
 # ----------------------------------------------------------------------------------- cheap signals
 
 
+def reference_reward_file(scores: Path, tag: str, ids: list[str], reference: dict[str, Record]) -> Path:
+    """Where the reference answers' rewards are kept: named by the reward and a digest of those answers, so an
+    evaluation of another student against the same reference (a study's next arm) can be handed the file and
+    reuse it, and a changed reference is scored again."""
+    digest = sha256_json([[i, reference[i].messages] for i in ids])[:16]
+    return scores / f"reference-reward-{tag}-{digest}.json"
+
+
 def reward_stage(pairs: list[tuple[Record, str | None]], student: dict[str, Record], reference: dict[str, Record],
-                 cfg: EvaluateConfig) -> dict:
+                 cfg: EvaluateConfig, scores: Path, tag: str) -> dict:
     from teacherfit.rewards import make_reward
 
     ids = [r.id for r, _ in pairs if r.id in student and r.id in reference]
     reward = make_reward(cfg.reward, cfg.models)
-    with progress_bar("reward", 2 * len(ids)) as advance:
+    ref_path = reference_reward_file(scores, tag, ids, reference)
+    with progress_bar("reward", len(ids) * (1 if ref_path.exists() else 2)) as advance:
         mine = reward.score([student[i] for i in ids], on_batch=advance)
-        theirs = reward.score([reference[i] for i in ids], on_batch=advance)
+        theirs = cached_json(ref_path, lambda: {"ids": ids, "scores": reward.score(
+            [reference[i] for i in ids], on_batch=advance), "reward": reward.provenance()})["scores"]
     out = {"reward": reward.provenance(), "ids": ids, "student": mine, "reference": theirs,
            "unparsed": getattr(reward, "unparsed", 0)}
     del reward
@@ -406,7 +416,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     scores.mkdir(exist_ok=True)
     if cfg.reward is not None and pairs:
         tag = cfg.reward.kind + "-" + (cfg.reward.model or (cfg.reward.remote.model if cfg.reward.remote else "")).replace("/", "_")
-        rw = cached_json(scores / f"reward-{tag}.json", lambda: reward_stage(pairs, turn1, reference, cfg))
+        rw = cached_json(scores / f"reward-{tag}.json", lambda: reward_stage(pairs, turn1, reference, cfg, scores, tag))
         outcomes = E.paired_win_outcomes(rw["student"], rw["reference"])
         results["reward_win_rate"] = {**E.win_rate(outcomes, n_resamples=cfg.bootstrap, seed=cfg.seed),
                                       "reward": rw["reward"], "unparsed": rw["unparsed"],

@@ -422,17 +422,19 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
 SHARED_STAGES = ("ref", "reward", "reward_2")  # rank stages whose scores do not depend on the student
 
 
-def share_scores(source: Path, target: Path) -> None:
-    """Hand the first student's scores of the stages that do not depend on the student (the reference LM, the
-    rewards) to the next student's rank run: the file names carry the digest of what the scores depend on, so rank
-    reuses exactly the rows it would compute, and scores nothing twice."""
+def share_scores(source: Path, target: Path, prefixes: tuple[str, ...] = SHARED_STAGES) -> None:
+    """Hand scores that do not depend on the student on to the next run that needs them: the first student's rank
+    stages of the reference LM and the rewards to the next student's rank run, and the first evaluation's rewards
+    of the reference answers to every other evaluation of that student. The file names carry the digest of what the
+    scores depend on, so the command reuses exactly what it would compute, and nothing is scored twice."""
     import shutil
 
-    if not source.is_dir():
+    if source == target or not source.is_dir():
         return
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
-        if path.name.split("-")[0] in SHARED_STAGES and ".rank" not in path.name and not (target / path.name).exists():
+        if (any(path.name.startswith(f"{p}-") for p in prefixes) and ".rank" not in path.name
+                and not (target / path.name).exists()):
             shutil.copyfile(path, target / path.name)
 
 
@@ -469,6 +471,8 @@ def study_student(cfg: StudyConfig, student: str, run_dir: Path, split: dict, ti
     models = [(a, finetunes[a]["model_dir"]) for a in arms(cfg)] + ([(BASELINE, student)] if cfg.baseline else [])
     for name, model in models:
         ev_cfg = evaluate_config(cfg, model, name, split["heldout"], base)
+        share_scores(base / "evaluate" / models[0][0] / "scores", base / "evaluate" / name / "scores",
+                     prefixes=("reference-reward",))
         run_stage(base / "evaluate" / name, ev_cfg, lambda c=ev_cfg: run_evaluate(c), timings, f"evaluate {name}{tag}")
         evaluations[name] = json.loads((base / "evaluate" / name / "results.json").read_text())
 
