@@ -142,7 +142,7 @@ def test_pick_regret_and_critical_correlations():
     assert math.isnan(metrics.critical_correlation(2))
 
 
-def test_paired_difference_and_pooled_spearman_against_loops():
+def test_paired_difference_and_pooled_correlations_against_loops():
     rng = np.random.default_rng(3)
     y = rng.normal(size=10)
     x1, x2 = y + rng.normal(size=10) * 0.3, rng.normal(size=10)
@@ -150,8 +150,10 @@ def test_paired_difference_and_pooled_spearman_against_loops():
     assert diff == pytest.approx(stats.spearmanr(x1, y).statistic - stats.spearmanr(x2, y).statistic)
     assert low <= diff <= high and diff > 0.5  # x1 tracks y, x2 is noise
     xs, ys = [x1, x2], [y, y[::-1]]
-    rho, low, high = metrics.pooled_spearman(xs, ys, n_resamples=300, seed=1)
+    rho, low, high = metrics.pooled_correlation(xs, ys, n_resamples=300, seed=1)
     assert rho == pytest.approx(np.mean([stats.spearmanr(a, b).statistic for a, b in zip(xs, ys)]))
+    tau, _, _ = metrics.pooled_correlation(xs, ys, "kendall", n_resamples=10, seed=1)
+    assert tau == pytest.approx(np.mean([stats.kendalltau(a, b).statistic for a, b in zip(xs, ys)]))
     # the interval resamples teachers, the same ones in every group: one resample recomputed by hand
     idx = np.random.default_rng(1).integers(0, 10, size=(300, 10))[0]
     by_hand = np.mean([stats.spearmanr(a[idx], b[idx]).statistic for a, b in zip(xs, ys)])

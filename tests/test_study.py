@@ -386,6 +386,11 @@ def test_two_students_share_the_responses_and_rewards_and_are_pooled(two_student
         assert row["per_student"] == pytest.approx(rhos, nan_ok=True)
         if all(math.isfinite(r) for r in rhos):
             assert row["spearman"] == pytest.approx(np.mean(rhos))
+        taus = [metrics.kendall([metrics.METRIC_DIRECTION[m] * {t["teacher"]: t for t in st["teachers"]}[n][m]
+                                 for n in names], [{t["teacher"]: t for t in st["teachers"]}[n]["outcome"] for n in names])
+                for st in results["students"]]
+        if all(math.isfinite(t) for t in taus):
+            assert row["kendall"] == pytest.approx(np.mean(taus))
         regrets = [next(r["regret"] for r in st["trust"]["rows"] if r["metric"] == m) for st in results["students"]]
         assert row["mean_regret"] == pytest.approx(np.mean(regrets))
     assert [a["student"] for a in results["answers"]] == [*cfg.students, "pooled"]

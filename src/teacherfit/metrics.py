@@ -413,8 +413,10 @@ def paired_corr_difference(x1, x2, y, *, n_resamples: int = 1000, level: float =
     return diff(np.arange(x1.size)), low, high
 
 
-def pooled_spearman(xs, ys, *, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """The mean over groups (students) of Spearman(x_g, y_g), every group over the same teachers in the same order;
+def pooled_correlation(xs, ys, method: str = "spearman", *, n_resamples: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """The mean over groups (students) of corr(x_g, y_g) (``method``: spearman or kendall), every group over the
+    same teachers in the same order;
     the interval resamples teachers, the same ones for every group (their responses, hence their errors, are
     shared). Teachers with a non-finite value in a group are left out of that group's correlation."""
     x = np.asarray(xs, dtype=float)
@@ -422,11 +424,13 @@ def pooled_spearman(xs, ys, *, n_resamples: int = 1000, level: float = 0.95, see
     if x.ndim != 2 or x.shape != y.shape or x.shape[1] < 2:
         raise ValueError("xs and ys must be (groups x teachers) with at least 2 teachers")
 
+    corr = _correlation(method)
+
     def mean_rho(idx: np.ndarray) -> float:
         rhos = []
         for xg, yg in zip(x[:, idx], y[:, idx]):
             ok = np.isfinite(xg) & np.isfinite(yg)
-            rhos.append(spearman(xg[ok], yg[ok]))
+            rhos.append(corr(xg[ok], yg[ok]))
         rhos = np.asarray(rhos)
         return float(np.mean(rhos)) if np.all(np.isfinite(rhos)) else float("nan")
 

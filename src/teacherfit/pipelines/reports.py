@@ -257,9 +257,10 @@ def study_report(results: dict[str, Any]) -> R.Report:
                             f"teacher {mx['best_teacher']}'s {mx['best_outcome']:.3g} (rank {mx['rank_among_teachers']} "
                             f"among the teachers)", good=bool(mx["beats_best"]))
     if results.get("pooled"):
-        rep.add_table(results["pooled"]["rows"], ["metric", "spearman", "spearman_low", "spearman_high", "mean_regret"],
-                      caption="Pooled over the students: mean Spearman's rho (95% interval resampling teachers, the same "
-                              "for every student) and mean regret")
+        rep.add_table(results["pooled"]["rows"], ["metric", "spearman", "spearman_low", "spearman_high", "kendall",
+                                                  "kendall_low", "kendall_high", "mean_regret"],
+                      caption="Pooled over the students: mean Spearman's rho and Kendall's tau (95% intervals resampling "
+                              "teachers, the same for every student) and mean regret")
     rep.add_paragraph(
         "The CAR paper's experiment at this scale: each teacher's responses are scored with every rank metric, the "
         "student is fine-tuned on each teacher's responses with the same budget (sequence-level KD: cross-entropy on "

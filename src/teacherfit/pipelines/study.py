@@ -606,7 +606,7 @@ def mixture_check(outcomes: dict[str, float], extra: dict[str, float], cfg: Stud
 
 
 def pooled_analysis(per_student: list[dict], cfg: StudyConfig) -> dict[str, Any]:
-    """Every metric over all students: the mean of the per-student Spearman correlations, with a bootstrap interval
+    """Every metric over all students: the mean of the per-student Spearman (and Kendall) correlations, with a bootstrap interval
     that resamples teachers (the same teachers for every student: they answered the same instructions), and the
     mean regret."""
     names = [t.name for t in cfg.teachers]
@@ -619,10 +619,13 @@ def pooled_analysis(per_student: list[dict], cfg: StudyConfig) -> dict[str, Any]
             by_name = {t["teacher"]: t for t in st["teachers"]}
             xs.append([metrics.METRIC_DIRECTION.get(m, 1) * by_name[n].get(m, math.nan) for n in names])
             ys.append([outcome[n] for n in names])
-        rho, low, high = metrics.pooled_spearman(xs, ys, n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)
+        rho, low, high = metrics.pooled_correlation(xs, ys, n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)
+        tau, tau_low, tau_high = metrics.pooled_correlation(xs, ys, "kendall", n_resamples=max(cfg.bootstrap, 1),
+                                                           seed=cfg.seed)
         trust = [{r["metric"]: r for r in st["trust"]["rows"]}.get(m, {}) for st in per_student]
         regrets = [t.get("regret", math.nan) for t in trust]
         rows.append({"metric": m, "spearman": rho, "spearman_low": low, "spearman_high": high,
+                     "kendall": tau, "kendall_low": tau_low, "kendall_high": tau_high,
                      "per_student": [t.get("spearman", math.nan) for t in trust],
                      "mean_regret": float(np.mean(regrets)), "regrets": regrets})
     return {"students": [st["student_spec"] for st in per_student], "rows": rows}
