@@ -60,8 +60,6 @@ from teacherfit.store import (
 from teacherfit.ui import console, progress_bar, rich_table
 
 AGG_METRICS = ["reward", "loss_student", "length", "ppl_student", "ifd_student", "ppl_ref", "ifd_ref", "reward_2"]
-# rank's per-teacher metrics beyond the means above (CAR, GRAPE's win share, GRACE, CAR under the second reward)
-SET_METRICS = ["car", "grape", "grace", "car_2"]
 # Bump when the way a stage scores a row changes, so that older scores are not reused.
 # v2: IFD's unconditional pass scores exactly the conditional pass's response tokens.
 SCORES_VERSION = "rank-scores-v2"
@@ -418,9 +416,10 @@ def car_with_interval(rewards: np.ndarray, losses: np.ndarray, beta: float, tran
     return point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
-def reward_transform(samples: list[dict], names: list[str], cfg: RankConfig):
-    """The CAR variant the teachers' mean rewards call for, and the reward map it applies (identity when plain)."""
-    mean_rewards = [float(np.mean(_finite([s["reward"] for s in samples if s["teacher"] == n]))) for n in names]
+def reward_transform(samples: list[dict], names: list[str], cfg: RankConfig, key: str = "reward"):
+    """The CAR variant the teachers' mean rewards (``key``: reward or reward_2) call for, and the reward map it
+    applies (identity when plain)."""
+    mean_rewards = [float(np.mean(_finite([s[key] for s in samples if s["teacher"] == n]))) for n in names]
     variant = metrics.car_variant_for(mean_rewards) if cfg.car_variant == "auto" else cfg.car_variant
     transform = metrics.positive_reward_map(mean_rewards) if variant == "sign_safe" else (lambda x: x)
     return variant, transform
@@ -520,14 +519,11 @@ def add_set_metrics(teachers: list[dict], samples: list[dict], names: list[str],
     for name in names:
         by_name[name]["grape"] = grape["win_share"][row_of[name]]
         by_name[name]["grape_wins"] = int(sum(w == row_of[name] for w in grape["winner"]))
-    if cfg.reward_2 is not None:
-        means = [by_name[n]["reward_2"] for n in names]
-        variant = metrics.car_variant_for(means) if cfg.car_variant == "auto" else cfg.car_variant
-        values = (metrics.car_sign_safe(means, [by_name[n]["loss_student"] for n in names], cfg.beta)
-                  if variant == "sign_safe" else [metrics.car(m, by_name[n]["loss_student"], cfg.beta)
-                                                  for m, n in zip(means, names)])
-        for name, v in zip(names, values):
-            by_name[name]["car_2"] = float(v)
+    if cfg.reward_2 is not None:  # CAR of the mean reward_2, with the variant and map reward_2 calls for
+        _, transform = reward_transform(samples, names, cfg, "reward_2")
+        for name in names:
+            row = by_name[name]
+            row["car_2"] = float(metrics.car(transform(row["reward_2"]), row["loss_student"], cfg.beta))
     else:
         for name in names:
             by_name[name]["reward_2"] = by_name[name]["car_2"] = math.nan
@@ -539,7 +535,7 @@ def add_set_metrics(teachers: list[dict], samples: list[dict], names: list[str],
     g = cfg.grace
     used = {}
     for name in names:
-        grads = [rows[name, i]["grad"] for i in ids[: g.instructions or len(ids)] if (name, i) in rows]
+        grads = [rows[name, i]["grad"] for i in ids if (name, i) in rows]  # the stage's rows: grace_sets
         grads = np.asarray([x for x in grads if np.all(np.isfinite(x))], dtype=float)
         used[name] = len(grads)
         try:

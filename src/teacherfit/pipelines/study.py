@@ -303,11 +303,9 @@ def correlations_for(rank_teachers: list[dict], outcomes: dict[str, float], n_bo
     result = correlate(rank_teachers, finite, n_boot=n_boot, seed=seed) if len(finite) >= 3 else None
     if result is None:
         return {"error": f"only {len(finite)} teachers have this outcome; correlations need 3"}
-    by_name = {t["teacher"]: t for t in rank_teachers if t["teacher"] in finite}
     names = result["teachers"]
     for row in result["correlations"]:
-        m = row["metric"]
-        x = [metrics.METRIC_DIRECTION.get(m, 1) * by_name[n][m] for n in names]
+        x = _oriented(rank_teachers, row["metric"], names)
         if n_boot and len(names) >= 2:
             _, row["kendall_low"], row["kendall_high"] = metrics.bootstrap_corr_ci(
                 x, result["outcomes"], "kendall", n_resamples=n_boot, seed=seed)
@@ -539,6 +537,7 @@ def study_student(cfg: StudyConfig, student: str, run_dir: Path, split: dict, ti
 
 
 def _oriented(rank_teachers: list[dict], metric: str, names: list[str]) -> list[float]:
+    """``metric`` of each named teacher, times its direction (so that higher means the metric prefers it)."""
     by_name = {t["teacher"]: t for t in rank_teachers}
     return [metrics.METRIC_DIRECTION.get(metric, 1) * by_name[n].get(metric, math.nan) for n in names]
 
@@ -613,12 +612,8 @@ def pooled_analysis(per_student: list[dict], cfg: StudyConfig) -> dict[str, Any]
     metric_names = [r["metric"] for r in per_student[0]["trust"]["rows"]]
     rows = []
     for m in metric_names:
-        xs, ys = [], []
-        for st in per_student:
-            outcome = {t["teacher"]: t["outcome"] for t in st["teachers"]}
-            by_name = {t["teacher"]: t for t in st["teachers"]}
-            xs.append([metrics.METRIC_DIRECTION.get(m, 1) * by_name[n].get(m, math.nan) for n in names])
-            ys.append([outcome[n] for n in names])
+        xs = [_oriented(st["teachers"], m, names) for st in per_student]
+        ys = [_oriented(st["teachers"], "outcome", names) for st in per_student]  # "outcome": direction +1
         rho, low, high = metrics.pooled_correlation(xs, ys, n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)
         tau, tau_low, tau_high = metrics.pooled_correlation(xs, ys, "kendall", n_resamples=max(cfg.bootstrap, 1),
                                                            seed=cfg.seed)
