@@ -114,6 +114,7 @@ def test_study_runs_every_stage_in_its_own_directory(studied):
     assert results["instructions"]["n_train"] == 5 and results["instructions"]["n_heldout"] == 3
     for name in names + ARMS:
         assert (out / "finetune" / name / "model" / "config.json").exists()
+        assert not (out / "finetune" / name / "checkpoints").exists()  # dropped once the stage was done
         summary = json.loads((out / "finetune" / name / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["teacher"] is None  # sequence-level KD: no teacher model
         assert (out / "evaluate" / name / "results.json").exists()
