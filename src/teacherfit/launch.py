@@ -33,7 +33,16 @@ class Processes:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.get_backend() == "gloo":
+            # A plain barrier: accelerate before 1.16 passes device_ids=[LOCAL_RANK] on gloo too, and on a machine
+            # with CUDA torch then runs it on cuda:LOCAL_RANK, which process 1 of 2 sharing one GPU does not have
+            # (seen on an H200: `rank` with 2 processes on 1 GPU died at its first barrier).
+            dist.barrier()
+        else:
             self.state.wait_for_everyone()
 
     def from_main(self, value: Any) -> Any:
