@@ -50,6 +50,7 @@ def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
     from teacherfit.config import finish_runs
     from teacherfit.data import DataError
     from teacherfit.distill.train import TrainingDiverged
+    from teacherfit.launch import leave_process_group
     from teacherfit.models import ModelError
     from teacherfit.pipelines.generate import WorkerError
     from teacherfit.remote import RemoteError
@@ -74,6 +75,7 @@ def _run(fn, cls, config: Optional[Path], overrides: list[str], **values):
         finish_runs(error="interrupted or crashed; see the traceback")
         raise
     finish_runs()
+    leave_process_group()
     return result
 
 

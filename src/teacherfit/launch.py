@@ -10,6 +10,7 @@ which also checks that the distribution a launch asked for is the one in effect.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,17 +34,8 @@ class Processes:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        if dist.get_backend() == "gloo":
-            # A plain barrier: accelerate before 1.16 passes device_ids=[LOCAL_RANK] on gloo too, and on a machine
-            # with CUDA torch then runs it on cuda:LOCAL_RANK, which process 1 of 2 sharing one GPU does not have
-            # (seen on an H200: `rank` with 2 processes on 1 GPU died at its first barrier).
-            dist.barrier()
-        else:
-            self.state.wait_for_everyone()
+        if self.world > 1:
+            wait_for_everyone(self.state)
 
     def from_main(self, value: Any) -> Any:
         """The main process's ``value`` on every process (the others pass anything)."""
@@ -73,6 +65,30 @@ class Processes:
                 dist.destroy_process_group()
             PartialState._reset_state()
             self.owned = False
+
+
+def wait_for_everyone(state: Any) -> None:
+    """Every process of the run reaches this point (accelerate's ``PartialState`` or ``Accelerator``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        # torch's own barrier: accelerate before 1.16 passes device_ids=[LOCAL_RANK] on gloo too, and on a machine
+        # with CUDA torch then runs it on cuda:LOCAL_RANK, which process 1 of 2 sharing one GPU (or any process of a
+        # CPU run there) may not have: seen on an H200, where `rank` with 2 processes on 1 GPU died at its first one.
+        dist.barrier()
+    else:
+        state.wait_for_everyone()
+
+
+def leave_process_group() -> None:
+    """End this process's part in a launched run once its command has finished (torch asks for it before exit:
+    left to the interpreter's shutdown, gloo's threads once aborted the second process of a finished 2-process
+    FSDP2 run, "terminate called without an active exception"). Nothing to do in one process."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched_processes() -> int:

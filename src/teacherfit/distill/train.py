@@ -36,6 +36,7 @@ from teacherfit.distill.attention import AttentionCapture, attention_kd_sums
 from teacherfit.distill.examples import Micro, TrainExample, collate
 from teacherfit.distill.losses import chunked_head_losses
 from teacherfit.distill.teachers import HeadSignal, Route, Teacher, TeacherSignal
+from teacherfit.launch import wait_for_everyone
 from teacherfit.models import decoder_of, output_head, trim_heap
 from teacherfit.scoring import active_post_head, text_config
 from teacherfit.store import atomic_write_json, atomic_write_text, flatten
@@ -377,11 +378,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, layout: di
         # made before the barrier: accelerate's save_state makes it on the main process only, while every process
         # writes its own RNG state into it (a race the 2-process test lost now and then)
         tmp.mkdir()
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     accelerator.save_state(str(tmp), safe_serialization=True)
     if extra is not None:
         extra(tmp)
-    accelerator.wait_for_everyone()  # every process has written its part (FSDP2: its shard) before the rename
+    wait_for_everyone(accelerator)  # every process has written its part (FSDP2: its shard) before the rename
     if accelerator.is_main_process:
         # written last: marks the checkpoint complete; the layout says which batches the steps held
         atomic_write_json(tmp / "state.json", {"step": step, **(layout or {})})
@@ -391,7 +392,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, layout: di
         older = [p for p in _checkpoints(run_dir) if p != final]
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return final
 
 
@@ -597,7 +598,7 @@ def save_final_model(accelerator, module, tokenizer, out: Path, *, rebuild: Call
     from teacherfit.data import chat_template_for
     from teacherfit.launch import is_sharded
 
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     if is_sharded(accelerator):
         state = accelerator.get_state_dict(module)
         student = None
@@ -639,7 +640,7 @@ def save_final_model(accelerator, module, tokenizer, out: Path, *, rebuild: Call
                                                        "adapter": adapter.name if lora else None}))
 
         _replace_dir(out, write)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return out
 
 
