@@ -31,6 +31,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' real byte-level BPE tokenizer, trained in milliseconds
 
+# the --small shapes (a smoke run on any machine) of every Qwen2-architecture model built here
+SMALL_QWEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512)
 WORDS = ("the sea and the sky", "a neural network learns from data", "def add(a, b): return a + b",
          "bonjour means good morning", "red, green and blue", "Paris is the capital of France")
 
@@ -41,8 +44,7 @@ def build_models(root: Path, small: bool) -> dict[str, Path]:
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    qwen = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=512) if small else
+    qwen = (dict(SMALL_QWEN) if small else
             dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936))
     common = dict(max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -102,8 +104,7 @@ def sketch_agreement(small: bool, examples: int = 8) -> dict:
     from teacherfit.scoring import GradientSketch
 
     tok = tiny_tokenizer()
-    shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512) if small else
+    shape = (dict(SMALL_QWEN) if small else
              dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=32768))
     torch.manual_seed(1)

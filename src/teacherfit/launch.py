@@ -58,11 +58,9 @@ class Processes:
 
     def close(self) -> None:
         if self.owned:
-            import torch.distributed as dist
             from accelerate import PartialState
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_process_group()
             PartialState._reset_state()
             self.owned = False
 
